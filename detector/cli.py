@@ -1,0 +1,95 @@
+"""The ``detector`` command line. Subcommands import their adapters lazily to keep start-up fast."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="detector")
+def cli() -> None:
+    """Real-time detector of stolen EC2 instance credentials (CloudTrail in, GuardDuty-shaped findings out)."""
+
+
+@cli.command()
+@click.option("--registry", "registry_path", type=click.Path(dir_okay=False), help="Affiliation registry (.json or .toml).")
+@click.option("--ip-ranges", "ip_ranges", type=click.Path(dir_okay=False), help="AWS ip-ranges.json (plain or .gz); default: packaged snapshot.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, allow_dash=True), default="-", show_default=True, help="Where to write findings (JSON Lines).")
+@click.option("--session-ttl", type=float, default=12 * 3600.0, show_default=True, help="Idle TTL of a session entry, seconds of event time.")
+@click.option("--max-sessions", type=click.IntRange(min=1), default=1_000_000, show_default=True, help="Cap of the session index (LRU eviction).")
+@click.argument("inputs", nargs=-1, required=True)
+def replay(registry_path: str | None, ip_ranges: str | None, output: str, session_ttl: float, max_sessions: int, inputs: tuple[str, ...]) -> None:
+    """Replay CloudTrail INPUTS (files, directories, .gz, '-' for stdin) and print the final findings."""
+    import orjson
+
+    from .core.engine import Engine
+    from .core.state import DetectorState, EngineConfig
+    from .ipranges import IpRangesError, load
+    from .registry import RegistryError, load_registry
+    from .replay import InputError, Replayer, write_findings
+
+    try:
+        registry = load_registry(registry_path)
+        ranges, _ = load(ip_ranges)
+        engine = Engine(registry, ranges)
+        replayer = Replayer(engine, DetectorState(EngineConfig(session_ttl_seconds=session_ttl, max_sessions=max_sessions)))
+        summary = replayer.run(list(inputs))
+    except (RegistryError, IpRangesError, InputError) as exc:
+        click.echo(f"detector replay: error: {exc}", err=True)
+        sys.exit(2)
+    findings = replayer.findings()
+    if output == "-":
+        write_findings(findings, sys.stdout.buffer)
+        sys.stdout.flush()
+    else:
+        with open(output, "wb") as out:
+            write_findings(findings, out)
+    click.echo(orjson.dumps({"summary": summary.as_dict()}).decode(), err=True)
+
+
+@cli.group("registry")
+def registry_group() -> None:
+    """Affiliation registry tools."""
+
+
+@registry_group.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+def registry_check(path: str) -> None:
+    """Validate a registry file and print what it holds."""
+    import orjson
+
+    from .registry import RegistryError, load_registry
+
+    try:
+        registry = load_registry(path)
+    except RegistryError as exc:
+        click.echo(f"detector registry check: error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(orjson.dumps(registry.summary()).decode())
+
+
+@cli.command()
+def demo() -> None:
+    """Replay the bundled sample world and print its findings as a table."""
+    from .core.engine import Engine
+    from .demo import print_table, sample_world
+    from .ipranges import load
+    from .registry import load_registry
+    from .replay import Replayer
+
+    world = sample_world()
+    replayer = Replayer(Engine(load_registry(world.registry), load()[0]))
+    replayer.run(world.inputs)
+    print_table(replayer.findings(), sys.stdout)
+
+
+def main() -> None:
+    cli(prog_name="detector")
+
+
+if __name__ == "__main__":
+    main()

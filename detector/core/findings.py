@@ -1,0 +1,116 @@
+"""Rendering a finding group as a GuardDuty-shaped finding (SPEC §8)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from .addresses import V4, parse_address
+from .engine import INSIDE_AWS, ORIGIN_AWS, ORIGIN_ENDPOINT, ORIGIN_PRIVATE
+from .state import FindingGroup
+
+SCHEMA_VERSION = "2.0"
+PRODUCT = "ec2-credential-detector"
+
+
+def iso_seconds(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def iso_millis(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _where(group: FindingGroup) -> str:
+    if group.type == INSIDE_AWS:
+        if group.remote_account:
+            who = f"AWS account {group.remote_account}" + (
+                " (affiliated with yours)" if group.affiliated else " (not affiliated with yours)"
+            )
+        elif group.origin == ORIGIN_AWS:
+            who = f"an AWS address ({group.ip}) whose account is not yours or is not known"
+        else:
+            who = "another AWS account whose ID is not known"
+        if group.vpce:
+            who += f" through VPC endpoint {group.vpce}"
+        elif group.remote_account and group.ip:
+            who += f" from address {group.ip}"
+        return who
+    if group.origin == ORIGIN_PRIVATE:
+        return f"private address {group.ip} without a VPC endpoint (not the instance's own network path)"
+    return f"external IP address {group.ip}"
+
+
+def title(group: FindingGroup) -> str:
+    if group.type == INSIDE_AWS:
+        return f"Credentials for instance role {group.role} used from a different AWS account."
+    return f"Credentials for instance role {group.role} used from external IP address."
+
+
+def description(group: FindingGroup) -> str:
+    return (
+        f"Credentials created exclusively for EC2 instance {group.instance_id} through instance role "
+        f"{group.role} in account {group.account} have been used from {_where(group)}."
+    )
+
+
+def render(group: FindingGroup) -> dict[str, Any]:
+    """The GuardDuty finding JSON (camelCase) for the group's current state."""
+    action: dict[str, Any] = {"api": group.api, "serviceName": group.service_name}
+    if group.ip:
+        parsed = parse_address(group.ip)
+        if parsed is not None:
+            field = "ipAddressV4" if parsed[0] == V4 else "ipAddressV6"
+            action["remoteIpDetails"] = {field: group.ip}
+    if group.type == INSIDE_AWS:
+        remote: dict[str, Any] = {"affiliated": bool(group.affiliated)}
+        if group.remote_account:
+            remote["accountId"] = group.remote_account
+        action["remoteAccountDetails"] = remote
+    partition = group.partition or "aws"
+    region = group.region or "unknown"
+    additional: dict[str, Any] = {
+        "sessionArn": group.session_key,
+        "originKind": group.origin,
+        "remoteAddresses": list(group.remote_addresses),
+        "baseline": group.baseline,
+        "ec2RoleDelivery": list(group.deliveries),
+        "product": PRODUCT,
+    }
+    if group.origin == ORIGIN_ENDPOINT or group.vpce:
+        additional["vpcEndpointId"] = group.vpce
+    return {
+        "schemaVersion": SCHEMA_VERSION,
+        "accountId": group.account,
+        "region": region,
+        "partition": partition,
+        "id": group.id,
+        "arn": f"arn:{partition}:guardduty:{region}:{group.account}:detector/{PRODUCT}/finding/{group.id}",
+        "type": group.type,
+        "severity": group.severity,
+        "title": title(group),
+        "description": description(group),
+        "resource": {
+            "resourceType": "AccessKey",
+            "accessKeyDetails": {
+                "accessKeyId": group.access_key_id,
+                "principalId": group.principal_id,
+                "userName": group.role,
+                "userType": "AssumedRole",
+            },
+            "instanceDetails": {"instanceId": group.instance_id},
+        },
+        "service": {
+            "serviceName": PRODUCT,
+            "detectorId": PRODUCT,
+            "action": {"actionType": "AWS_API_CALL", "awsApiCallAction": action},
+            "archived": False,
+            "resourceRole": "TARGET",
+            "count": group.count,
+            "eventFirstSeen": iso_seconds(group.first_ts),
+            "eventLastSeen": iso_seconds(group.last_ts),
+            "additionalInfo": additional,
+        },
+        "createdAt": iso_millis(group.created_at),
+        "updatedAt": iso_millis(group.updated_at),
+    }

@@ -1,0 +1,163 @@
+"""``detector replay``: the offline adapter around the core (SPEC §9), for backtests and acceptance.
+
+Inputs stream: JSON Lines are read a line at a time, so memory grows with sessions and findings, not
+with the number of records.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+import orjson
+
+from .core.engine import Engine, MalformedRecord
+from .core.findings import render
+from .core.records import Decoded, classify, decode
+from .core.state import DetectorState, FindingGroup
+
+INPUT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+
+
+class InputError(Exception):
+    """An input that cannot be read at all (missing file, unreadable directory)."""
+
+
+@dataclass
+class Summary:
+    inputs: int = 0
+    records: int = 0
+    instance_records: int = 0
+    malformed: int = 0
+    skipped: int = 0
+    findings: int = 0
+    malformed_reasons: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": self.inputs,
+            "records": self.records,
+            "instance_records": self.instance_records,
+            "malformed": self.malformed,
+            "skipped": self.skipped,
+            "findings": self.findings,
+            "malformed_reasons": self.malformed_reasons,
+        }
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files in the order given; a directory becomes its input files in sorted path order."""
+    out: list[str] = []
+    for item in inputs:
+        if item == "-":
+            out.append(item)
+            continue
+        path = Path(item)
+        if path.is_dir():
+            out.extend(
+                str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.name.lower().endswith(INPUT_SUFFIXES)
+            )
+        elif path.is_file():
+            out.append(item)
+        else:
+            raise InputError(f"{item}: no such file or directory")
+    return out
+
+
+def _open(name: str) -> BinaryIO:
+    if name == "-":
+        raw: BinaryIO = sys.stdin.buffer
+        head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
+        return gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw
+    try:
+        handle: BinaryIO = open(name, "rb")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise InputError(f"{name}: cannot open ({exc.strerror or exc})") from None
+    if handle.read(2) == b"\x1f\x8b":
+        handle.seek(0)
+        return gzip.GzipFile(fileobj=handle)  # type: ignore[return-value]
+    handle.seek(0)
+    return handle
+
+
+def _lines(handle: IO[bytes]) -> Iterator[Decoded]:
+    for line in handle:
+        if line.strip():
+            yield decode(line)
+
+
+def iter_inputs(name: str) -> Iterator[Decoded]:
+    """Decoded inputs of one file: a whole JSON document, else JSON Lines."""
+    handle = _open(name)
+    try:
+        lowered = name.lower()
+        if name == "-" or lowered.endswith((".jsonl", ".jsonl.gz")):
+            yield from _lines(handle)
+            return
+        data = handle.read()
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            yield from _lines(io.BytesIO(data))  # a .json file that holds JSON Lines
+            return
+        yield classify(value)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise InputError(f"{name}: cannot read ({exc})") from None
+    finally:
+        if handle is not sys.stdin.buffer:
+            handle.close()
+
+
+class Replayer:
+    """Drives the core over decoded inputs and keeps the final state of every finding group."""
+
+    def __init__(self, engine: Engine, state: DetectorState | None = None) -> None:
+        self.engine = engine
+        self.state = state or DetectorState()
+        self.summary = Summary()
+        self.final: dict[str, FindingGroup] = {}
+
+    def _malformed(self, reason: str) -> None:
+        self.summary.malformed += 1
+        self.summary.malformed_reasons[reason] = self.summary.malformed_reasons.get(reason, 0) + 1
+
+    def feed(self, decoded: Decoded) -> None:
+        summary = self.summary
+        if decoded.skipped:
+            summary.skipped += 1
+        for reason in decoded.malformed:
+            self._malformed(reason)
+        apply = self.engine.apply
+        state = self.state
+        final = self.final
+        for record in decoded.records:
+            summary.records += 1
+            try:
+                changes = apply(state, record)
+            except MalformedRecord as exc:
+                self._malformed(exc.reason)
+                continue
+            for change in changes:
+                final[change.group.id] = change.group
+
+    def run(self, inputs: list[str]) -> Summary:
+        for name in expand_inputs(inputs):
+            self.summary.inputs += 1
+            for decoded in iter_inputs(name):
+                self.feed(decoded)
+        self.summary.instance_records = self.engine.counters.instance_records
+        self.summary.findings = len(self.final)
+        return self.summary
+
+    def findings(self) -> list[dict[str, Any]]:
+        return [render(group) for group in self.final.values()]
+
+
+def write_findings(findings: list[dict[str, Any]], out: IO[bytes]) -> None:
+    for finding in findings:
+        out.write(orjson.dumps(finding) + b"\n")
