@@ -72,6 +72,41 @@ def registry_check(path: str) -> None:
     click.echo(orjson.dumps(registry.summary()).decode())
 
 
+@cli.group("ip-ranges")
+def ip_ranges_group() -> None:
+    """AWS published IP ranges (ip-ranges.json) tools."""
+
+
+@ip_ranges_group.command("update")
+@click.option("--url", help="Where to download ip-ranges.json from.  [default: AWS's official URL, https://ip-ranges.amazonaws.com/ip-ranges.json]")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="File to write, gzipped when the name ends in .gz.  [default: ./aws-ip-ranges.json.gz]")
+@click.option("--force", is_flag=True, help="Write even if the download is older than OUTPUT, or OUTPUT is unreadable.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Download timeout, seconds.")
+def ip_ranges_update(url: str | None, output: str | None, force: bool, timeout: float) -> None:
+    """Download, validate and atomically write AWS's ip-ranges.json to OUTPUT.
+
+    OUTPUT defaults to ./aws-ip-ranges.json.gz (a user-writable copy; the snapshot packaged with the
+    detector is never modified); use it with `detector replay --ip-ranges OUTPUT`. Nothing is written
+    and the exit status is 2 on an HTTP error, invalid JSON, a document failing validation, or one whose
+    syncToken/createDate is older than OUTPUT's (unless --force).
+    """
+    import asyncio
+
+    from .ipranges import OFFICIAL_URL, IpRangesError
+    from .ipranges_update import DEFAULT_OUTPUT, update
+
+    try:
+        summary = asyncio.run(update(url or OFFICIAL_URL, output or DEFAULT_OUTPUT, force=force, timeout=timeout))
+    except IpRangesError as exc:
+        click.echo(f"detector ip-ranges update: error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(
+        f"detector ip-ranges update: wrote {summary['output']}: createDate {summary['createDate']}, "
+        f"syncToken {summary['syncToken']}, {summary['ipv4_prefixes']} IPv4 and {summary['ipv6_prefixes']} IPv6 prefixes",
+        err=True,
+    )
+
+
 @cli.command()
 def demo() -> None:
     """Replay the bundled sample world and print its findings as a table."""
