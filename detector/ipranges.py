@@ -7,6 +7,7 @@ The snapshot ships compressed inside the package (``detector/data/aws-ip-ranges.
 from __future__ import annotations
 
 import gzip
+import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,13 @@ def load(path: str | Path | None = None) -> tuple[AddressIndex[bool], dict[str, 
     source = str(path) if path is not None else snapshot_path()
     try:
         raw = read_bytes(source)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise IpRangesError(f"{source}: corrupt gzip data ({exc})") from None
     except OSError as exc:
         raise IpRangesError(f"{source}: cannot read ({exc.strerror or exc})") from None
     try:
         document = orjson.loads(raw)
-    except (orjson.JSONDecodeError, gzip.BadGzipFile, EOFError) as exc:
+    except orjson.JSONDecodeError as exc:
         raise IpRangesError(f"{source}: not valid JSON ({exc})") from None
     networks = validate(document, str(source))
     index: AddressIndex[bool] = AddressIndex((net, True) for net in networks)
