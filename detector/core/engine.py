@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from .addresses import V4, AddressIndex, format_address, is_global, parse_address
@@ -73,6 +73,10 @@ def parse_event_time(value: Any) -> float:
         raise MalformedRecord("bad_field", f"eventTime {value[:40]!r} is not ISO 8601") from None
     if dt.tzinfo is None:
         raise MalformedRecord("bad_field", f"eventTime {value[:40]!r} has no time zone")
+    try:
+        dt.astimezone(timezone.utc)  # e.g. 0001-01-01T00:00:00+01:00 is year 0 in UTC: not renderable
+    except OverflowError:
+        raise MalformedRecord("bad_field", f"eventTime {value[:40]!r} is outside the UTC calendar") from None
     return dt.timestamp()
 
 
