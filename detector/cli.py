@@ -72,6 +72,76 @@ def registry_check(path: str) -> None:
     click.echo(orjson.dumps(registry.summary()).decode())
 
 
+@registry_group.command("sync")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Registry file to write (.json), replaced atomically.")
+@click.option("--overlay", type=click.Path(dir_okay=False, exists=True), help="Hand-written registry (.json or .toml) merged over the sync; see below.")
+@click.option("--role-name", default="OrganizationAccountAccessRole", show_default=True, help="Role assumed in each account (not in the caller's own).")
+@click.option("--regions", help="Comma-separated regions to inventory.  [default: EC2 DescribeRegions]")
+@click.option("--endpoint-url", help="One endpoint for every AWS service (a test double such as moto).")
+@click.option("--concurrency", type=click.IntRange(min=1, max=256), default=8, show_default=True, help="AWS calls in flight at once.")
+def registry_sync(output: str, overlay: str | None, role_name: str, regions: str | None, endpoint_url: str | None, concurrency: int) -> None:
+    """Build the registry from AWS and write it to OUTPUT.
+
+    \b
+    Accounts: every ACTIVE account of the AWS Organization (management account included) and every
+    member of the caller's GuardDuty detectors, all affiliated. Per account and region, through
+    arn:<partition>:iam::<account>:role/ROLE_NAME (the caller's own account with its own credentials):
+    Elastic IPs and NAT gateway addresses (/32), associated VPC IPv6 blocks, VPC endpoint IDs.
+    Credentials come from the standard AWS chain (environment, profile, SSO, instance role...).
+
+    \b
+    Overlay merge (a sync never erases a human decision):
+      - affiliated, trusted: the overlay's value wins for an account it lists;
+      - name: the overlay's wins unless empty, else the Organizations name;
+      - cidrs, vpc_endpoints: union of overlay and sync (an endpoint the overlay
+        places under another account stays there);
+      - accounts only in the overlay are kept; expected_networks come from the overlay.
+
+    \b
+    GuardDuty unavailable or denied: a WARNING. An account that cannot be read: reported
+    and skipped (it stays affiliated, without inventory). Exit 1, nothing written, when
+    nothing could be read; exit 2 on a bad overlay or a non-.json OUTPUT (TOML is read,
+    never written). Progress goes to stderr, one line per account.
+    """
+    import asyncio
+
+    from .registry import RegistryError, load_registry
+
+    if not output.lower().endswith(".json"):
+        click.echo(f"detector registry sync: error: {output}: the synced registry is written as JSON only; name it *.json (an overlay may be TOML)", err=True)
+        sys.exit(2)
+    try:
+        human = load_registry(overlay) if overlay else None
+    except RegistryError as exc:
+        click.echo(f"detector registry sync: error: overlay: {exc}", err=True)
+        sys.exit(2)
+
+    from .aws import SyncError, SyncOptions, collect_inventory, merge_registry, write_registry
+
+    def say(line: str) -> None:
+        click.echo(f"detector registry sync: {line}", err=True)
+
+    options = SyncOptions(
+        role_name=role_name, regions=tuple((regions or "").split(",")), endpoint_url=endpoint_url, concurrency=concurrency
+    )
+    try:
+        report = asyncio.run(collect_inventory(None, options, progress=say))
+        written = write_registry(output, merge_registry(report.to_mapping(), human, warn=lambda m: say(f"WARNING: {m}")))
+    except SyncError as exc:
+        say(f"error: {exc}; {output} not written")
+        sys.exit(1)
+    except (RegistryError, OSError) as exc:
+        say(f"error: {exc}; {output} not written")
+        sys.exit(2)
+    summary = written.summary()
+    skipped = report.failed
+    say(
+        f"wrote {output}: {summary['accounts']} accounts ({summary['affiliated']} affiliated, {summary['trusted']} trusted), "
+        f"{summary['cidrs']} CIDRs, {summary['vpc_endpoints']} VPC endpoints, {summary['expected_networks']} expected networks"
+        + (f"; {len(skipped)} account(s) skipped: {', '.join(skipped)}" if skipped else "")
+    )
+
+
 @cli.group("ip-ranges")
 def ip_ranges_group() -> None:
     """AWS published IP ranges (ip-ranges.json) tools."""
