@@ -192,6 +192,41 @@ def demo() -> None:
     print_table(replayer.findings(), sys.stdout)
 
 
+class SettingsCommand(click.Command):
+    """A command taking every service setting as a flag (see detector.service.settings.settings_params).
+
+    The flags are built on first use, so that the other subcommands never import pydantic.
+    """
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not getattr(self, "_settings_params_added", False):
+            from .service.settings import settings_params
+
+            self.params.extend(settings_params())
+            self._settings_params_added = True
+        return super().get_params(ctx)
+
+
+@cli.group("settings", hidden=True)
+def settings_group() -> None:
+    """Service settings tools."""
+
+
+@settings_group.command("show", cls=SettingsCommand)
+def settings_show(**kwargs: object) -> None:
+    """Print the effective settings of `detector run` and the source of each value as JSON (secrets masked)."""
+    import orjson
+
+    from .service.settings import SettingsError, settings_from_cli
+
+    try:
+        settings = settings_from_cli(kwargs)
+    except SettingsError as exc:
+        click.echo(f"detector settings show: error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(orjson.dumps({"settings": settings.redacted(), "sources": settings.sources}, option=orjson.OPT_INDENT_2).decode())
+
+
 def main() -> None:
     cli(prog_name="detector")
 
