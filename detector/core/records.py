@@ -51,7 +51,9 @@ def classify(value: Any) -> Decoded:
         out.malformed.append(UNKNOWN_SHAPE)
         return out
     if "detail-type" in value and "detail" in value:
-        if value["detail-type"] not in CLOUDTRAIL_DETAIL_TYPES:
+        if not isinstance(value["detail-type"], str):  # not an EventBridge event (and unhashable, maybe)
+            out.malformed.append(UNKNOWN_SHAPE)
+        elif value["detail-type"] not in CLOUDTRAIL_DETAIL_TYPES:
             out.skipped = True
         elif is_cloudtrail_record(value["detail"]):
             out.records.append(value["detail"])
