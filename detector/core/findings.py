@@ -13,12 +13,13 @@ SCHEMA_VERSION = "2.0"
 PRODUCT = "ec2-credential-detector"
 
 
+# isoformat, not strftime: "%Y" does not pad years before 1000 to four digits on every platform.
 def iso_seconds(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
 def iso_millis(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.fromtimestamp(ts, timezone.utc).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def _where(group: FindingGroup) -> str:
