@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,7 @@ def iter_inputs(name: str) -> Iterator[Decoded]:
             yield from _lines(io.BytesIO(data))  # a .json file that holds JSON Lines
             return
         yield classify(value)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: corrupt deflate data
         raise InputError(f"{name}: cannot read ({exc})") from None
     finally:
         if handle is not sys.stdin.buffer:
