@@ -177,19 +177,55 @@ def ip_ranges_update(url: str | None, output: str | None, force: bool, timeout: 
     )
 
 
-@cli.command()
-def demo() -> None:
-    """Replay the bundled sample world and print its findings as a table."""
-    from .core.engine import Engine
-    from .demo import print_table, sample_world
-    from .ipranges import load
-    from .registry import load_registry
-    from .replay import Replayer
+def _lazy_settings_options(func):  # type: ignore[no-untyped-def]
+    from .service.settings import settings_options
 
-    world = sample_world()
-    replayer = Replayer(Engine(load_registry(world.registry), load()[0]))
-    replayer.run(world.inputs)
-    print_table(replayer.findings(), sys.stdout)
+    return settings_options(func)
+
+
+@cli.command(context_settings={"show_default": False})
+@_lazy_settings_options
+def run(**kwargs: object) -> None:
+    """Run the service: consume CloudTrail from Kafka, publish findings (SPEC §9).
+
+    Every setting is a flag, a DETECTOR_* environment variable and a key of the TOML --config file
+    (precedence: defaults < file < environment < flags).
+    """
+    import asyncio
+
+    from .service.app import StartupError, serve
+    from .service.logging import configure_logging
+    from .service.settings import SettingsError, settings_from_cli
+
+    try:
+        settings = settings_from_cli(kwargs)
+    except SettingsError as exc:
+        click.echo(f"detector run: configuration error: {exc}", err=True)
+        sys.exit(2)
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.use_uvloop:
+        import uvloop
+
+        uvloop.install()
+    try:
+        code = asyncio.run(serve(settings))
+    except StartupError as exc:
+        click.echo(f"detector run: start-up error: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)
+
+
+@cli.command()
+@click.option("--timeout", type=float, default=90.0, show_default=True, help="Give up after this many seconds.")
+def demo(timeout: float) -> None:
+    """The embedded default: a local broker, the service, the sample world streamed in, findings on screen."""
+    import asyncio
+
+    from .demo import run_demo
+    from .service.logging import configure_logging
+
+    configure_logging("warning", "console")
+    sys.exit(asyncio.run(run_demo(sys.stdout, timeout=timeout)))
 
 
 class SettingsCommand(click.Command):

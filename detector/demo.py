@@ -41,13 +41,122 @@ def table_row(finding: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
+_WIDTHS = (10, 10, 12, 19, 14, 5, 20, 32)
+
+
+def format_row(values: tuple[str, ...]) -> str:
+    return "  ".join(v.ljust(w) for v, w in zip(values, _WIDTHS, strict=True)).rstrip()
+
+
 def format_table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(_COLUMNS)]
-    line = "  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(out)
+    lines = [format_row(_COLUMNS), format_row(tuple("-" * w for w in _WIDTHS))]
+    return "\n".join(lines + [format_row(r) for r in rows])
 
 
 def print_table(findings: list[dict[str, Any]], out: TextIO) -> None:
     out.write(format_table([table_row(f) for f in findings]) + "\n")
+
+
+def world_messages(world: World) -> list[bytes]:
+    """The sample world as Kafka message values, in order: one per JSON Lines line, one per log file."""
+    import gzip
+
+    values: list[bytes] = []
+    for name in world.inputs:
+        data = Path(name).read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            values.extend(line for line in data.splitlines() if line.strip())
+        else:
+            values.append(data)
+    return values
+
+
+async def produce_values(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    """Produce unkeyed, as an EventBridge-to-Kafka bridge does."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=8 * 1024 * 1024)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value) for value in values]
+        for fut in futures:
+            await fut
+    finally:
+        await producer.stop()
+
+
+async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(name, n, 1) for name, n in topics.items() if name not in existing]
+        if new:
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+async def run_demo(out: TextIO, timeout: float = 60.0) -> int:
+    """Broker, service and a findings subscriber on one loop; the sample world streamed through."""
+    import asyncio
+    import time
+
+    import orjson
+    from aiokafka import AIOKafkaConsumer
+
+    from .embedded import EmbeddedBroker
+    from .service.app import DetectorService
+    from .service.settings import Settings
+
+    world = sample_world()
+    expected = len(orjson.loads(world.expected.read_bytes()))
+    with EmbeddedBroker() as broker:
+        out.write(f"local broker on {broker.bootstrap}; streaming the sample world ({world.root.name})\n\n")
+        settings = Settings(
+            kafka_bootstrap=broker.bootstrap,
+            registry=world.registry,
+            http_port=0,
+            finding_update_seconds=1.0,
+            log_level="warning",
+        )
+        await create_topics(broker.bootstrap, {"cloudtrail": 3, settings.findings_topic: 3, settings.dlq_topic: 1})
+        service = DetectorService(settings)
+        runner = asyncio.create_task(service.run())
+        subscriber = AIOKafkaConsumer(
+            settings.findings_topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest"
+        )
+        await subscriber.start()
+        latest: dict[str, dict[str, Any]] = {}
+        try:
+            await produce_values(broker.bootstrap, "cloudtrail", world_messages(world))
+            out.write(format_table([]) + "\n")
+            deadline = time.monotonic() + timeout
+            quiet_since = time.monotonic()
+            while time.monotonic() < deadline:
+                batch = await subscriber.getmany(timeout_ms=250)
+                for messages in batch.values():
+                    for msg in messages:
+                        finding = orjson.loads(msg.value)
+                        if finding["id"] not in latest:
+                            out.write(format_row(table_row(finding)) + "\n")
+                            out.flush()
+                        latest[finding["id"]] = finding
+                        quiet_since = time.monotonic()
+                if len(latest) >= expected and time.monotonic() - quiet_since > 2.5:
+                    break
+        finally:
+            service.stop()
+            await runner
+            await subscriber.stop()
+        out.write(f"\nfinal state of {len(latest)} finding(s) on topic {settings.findings_topic}:\n")
+        print_table(sorted(latest.values(), key=lambda f: f["service"]["eventFirstSeen"]), out)
+    return 0 if len(latest) >= expected else 1

@@ -1,0 +1,317 @@
+"""`detector run` against a real Kafka-protocol broker (tansu): SPEC §9 end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from kafka_support import (  # noqa: F401 - fixtures
+    broker,
+    committed_offsets,
+    create_topics,
+    end_offsets,
+    expected_key,
+    finding_key,
+    latest_findings,
+    librdkafka_produce,
+    read_topic,
+    unique,
+    wait_until,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from detector.demo import sample_world, world_messages
+from detector.embedded import EmbeddedBroker, free_port
+from detector.service.app import DetectorService
+from detector.service.settings import Settings
+
+pytestmark = pytest.mark.kafka
+
+WORLD = sample_world()
+EXPECTED = sorted(expected_key(e) for e in orjson.loads(WORLD.expected.read_bytes()))
+SPEC_METRICS = {
+    "detector_events_total",
+    "detector_events_malformed_total",
+    "detector_instance_events_total",
+    "detector_findings_total",
+    "detector_sessions",
+    "detector_event_lag_seconds",
+    "detector_processing_seconds",
+    "detector_consumer_lag",
+}
+
+
+def settings_for(bootstrap: str, prefix: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "kafka_bootstrap": bootstrap,
+        "input_topics": f"{prefix}.cloudtrail",
+        "findings_topic": f"{prefix}.findings",
+        "dlq_topic": f"{prefix}.dlq",
+        "group_id": f"{prefix}.group",
+        "registry": WORLD.registry,
+        "http_port": 0,
+        "finding_update_seconds": 0.5,
+        "log_level": "warning",
+        "grace_seconds": 10,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+async def start(settings: Settings, cls: type[DetectorService] = DetectorService) -> tuple[DetectorService, asyncio.Task[int]]:
+    service = cls(settings)
+    task = asyncio.create_task(service.run())
+    await wait_until(service.ready, timeout=30)
+    return service, task
+
+
+async def stop(service: DetectorService, task: asyncio.Task[int]) -> int:
+    service.stop()
+    return await asyncio.wait_for(task, timeout=30)
+
+
+def world_records_total() -> int:
+    from detector.core.records import decode
+
+    return sum(len(decode(v).records) for v in world_messages(WORLD))
+
+
+async def wait_consumed(service: DetectorService, records: int, timeout: float = 60) -> None:
+    await wait_until(lambda: service.engine.counters.records >= records, timeout=timeout)
+
+
+async def test_sample_world_through_kafka_equals_expected(broker: EmbeddedBroker) -> None:
+    prefix = unique("e2e")
+    s = settings_for(broker.bootstrap, prefix)
+    await create_topics(broker.bootstrap, {s.input_topics: 3})
+    service, task = await start(s)
+    librdkafka_produce(broker.bootstrap, s.input_topics, world_messages(WORLD))
+    await wait_consumed(service, world_records_total())
+    assert await stop(service, task) == 0
+    latest = latest_findings(await read_topic(broker.bootstrap, s.findings_topic))
+    assert sorted(finding_key(f) for f in latest.values()) == EXPECTED
+    # every input offset committed once its outputs were acknowledged
+    assert await committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 3) == await end_offsets(
+        broker.bootstrap, s.input_topics, 3
+    )
+
+
+async def test_malformed_messages_reach_the_dead_letter_topic(broker: EmbeddedBroker) -> None:
+    prefix = unique("dlq")
+    s = settings_for(broker.bootstrap, prefix)
+    await create_topics(broker.bootstrap, {s.input_topics: 1})
+    instance_without_time = orjson.dumps(
+        {
+            "eventVersion": "1.08",
+            "userIdentity": {"type": "AssumedRole", "arn": "arn:aws:sts::111122223333:assumed-role/r/i-0123456789abcdef0"},
+            "sourceIPAddress": "203.0.113.9",
+        }
+    )
+    bad = [b"not json", b"[1,2,3]", b'{"Records": 5}', b'{"detail-type": "AWS API Call via CloudTrail", "detail": 3}', instance_without_time, b"\xff\xfe\x00"]
+    good = world_messages(WORLD)[:20]
+    values = good[:10] + bad + good[10:]
+    librdkafka_produce(broker.bootstrap, s.input_topics, values, keys=[f"k{i}".encode() for i in range(len(values))])
+    service, task = await start(s)
+    await wait_until(lambda: service.metrics.dead_letters._value.get() >= len(bad), timeout=30)
+    assert await stop(service, task) == 0
+    dead = await read_topic(broker.bootstrap, s.dlq_topic)
+    assert sorted(m.value for m in dead) == sorted(bad)
+    for msg in dead:
+        headers = dict(msg.headers)
+        assert headers["detector.source.topic"] == s.input_topics.encode()
+        assert headers["detector.source.partition"] == b"0"
+        offset = int(headers["detector.source.offset"])
+        assert values[offset] == msg.value
+        assert msg.key == f"k{offset}".encode()  # original key kept
+        assert headers["detector.error.reason"] and headers["detector.error"]
+    assert await committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 1) == {0: len(values)}
+
+
+class _DiesBeforeCommit(DetectorService):
+    """Publishes findings, then 'dies' before any commit: the worst moment for at-least-once."""
+
+    async def _commit(self, partitions: Any = None) -> None:
+        return None
+
+
+async def test_crash_between_publish_and_commit_loses_no_finding(broker: EmbeddedBroker) -> None:
+    prefix = unique("crash")
+    s = settings_for(broker.bootstrap, prefix)
+    await create_topics(broker.bootstrap, {s.input_topics: 3})
+    librdkafka_produce(broker.bootstrap, s.input_topics, world_messages(WORLD))
+    doomed, task = await start(s, _DiesBeforeCommit)
+    await wait_consumed(doomed, world_records_total())
+    await wait_until(lambda: not doomed.publisher.pending and doomed.metrics.finding_updates._value.get() > 0)
+    task.cancel()  # killed: no orderly shutdown
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 3) == {0: None, 1: None, 2: None}
+    # The findings topic is wiped of nothing; a restarted instance re-reads everything uncommitted.
+    service, task = await start(s)
+    await wait_consumed(service, world_records_total())
+    assert await stop(service, task) == 0
+    latest = latest_findings(await read_topic(broker.bootstrap, s.findings_topic))
+    assert sorted(finding_key(f) for f in latest.values()) == EXPECTED
+
+
+async def test_held_back_updates_pin_the_commit_until_published(broker: EmbeddedBroker) -> None:
+    """With a one-hour update interval, offsets that changed an open finding stay uncommitted."""
+    prefix = unique("pin")
+    # small batches, so a group's later records arrive in later batches than the one that opened it
+    s = settings_for(broker.bootstrap, prefix, finding_update_seconds=3600, max_poll_records=10)
+    await create_topics(broker.bootstrap, {s.input_topics: 1})
+    service, task = await start(s)
+    librdkafka_produce(broker.bootstrap, s.input_topics, world_messages(WORLD))
+    await wait_consumed(service, world_records_total())
+    await asyncio.sleep(1.0)
+    assert service.publisher.pending, "the sample world updates open findings"
+    pinned = min(min(offsets.values()) for _, offsets in service.publisher.pending.values())
+    committed = await committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 1)
+    assert committed[0] is not None and committed[0] <= pinned
+    assert await stop(service, task) == 0  # shutdown publishes the held-back states, then commits
+    ends = await end_offsets(broker.bootstrap, s.input_topics, 1)
+    assert await committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 1) == ends
+    latest = latest_findings(await read_topic(broker.bootstrap, s.findings_topic))
+    assert sorted(finding_key(f) for f in latest.values()) == EXPECTED
+
+
+async def test_registry_hot_reload_keeps_old_on_bad_file(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    prefix = unique("reload")
+    registry = tmp_path / "registry.json"
+    registry.write_bytes(WORLD.registry.read_bytes())
+    s = settings_for(broker.bootstrap, prefix, registry=registry, registry_reload_seconds=0.2)
+    service, task = await start(s)
+    before = service.engine.registry
+    data = orjson.loads(registry.read_bytes())
+    data["accounts"]["999988887777"] = {"name": "new", "affiliated": True}
+    registry.write_bytes(orjson.dumps(data))
+    await wait_until(lambda: "999988887777" in service.engine.registry.accounts, timeout=10)
+    assert service.engine.registry is not before
+    good = service.engine.registry
+    registry.write_text('{"accounts": {"12345": {}}}')  # account ID not 12 digits
+    await wait_until(lambda: service.metrics.registry_reloads.labels("failure")._value.get() >= 1, timeout=10)
+    assert service.engine.registry is good
+    os.kill(os.getpid(), 0)  # the process is alive and well
+    assert await stop(service, task) == 0
+
+
+async def _get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
+            return resp.status, await resp.text()
+
+
+async def test_broker_started_late_then_ready_and_processing() -> None:
+    port = free_port()
+    prefix = unique("late")
+    s = settings_for(f"127.0.0.1:{port}", prefix, startup_retry_max_seconds=1.0)
+    service = DetectorService(s)
+    task = asyncio.create_task(service.run())
+    await wait_until(lambda: service.http is not None and service.http.port != 0 and service.metrics.broker_errors._value.get() >= 2)
+    assert (await _get(service.http.port, "/readyz"))[0] == 503
+    assert (await _get(service.http.port, "/healthz"))[0] == 200
+    late = EmbeddedBroker(port=port).start()
+    try:
+        await create_topics(late.bootstrap, {s.input_topics: 1})
+        await wait_until(service.ready, timeout=30)
+        assert (await _get(service.http.port, "/readyz"))[0] == 200
+        librdkafka_produce(late.bootstrap, s.input_topics, world_messages(WORLD))
+        await wait_consumed(service, world_records_total())
+        assert await stop(service, task) == 0
+        latest = latest_findings(await read_topic(late.bootstrap, s.findings_topic))
+        assert sorted(finding_key(f) for f in latest.values()) == EXPECTED
+    finally:
+        late.stop()
+
+
+async def test_metrics_endpoint_is_valid_prometheus_text(broker: EmbeddedBroker) -> None:
+    prefix = unique("metrics")
+    s = settings_for(broker.bootstrap, prefix)
+    await create_topics(broker.bootstrap, {s.input_topics: 2})
+    service, task = await start(s)
+    librdkafka_produce(broker.bootstrap, s.input_topics, world_messages(WORLD) + [b"garbage"])
+    await wait_consumed(service, world_records_total())
+    await asyncio.sleep(5.5)  # one gauge refresh (consumer lag) at least
+    status, text = await _get(service.http.port, "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    names = {f.name + ("_total" if f.type == "counter" else "") for f in families.values()}
+    assert SPEC_METRICS <= names, SPEC_METRICS - names
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("detector_events_total", (("topic", s.input_topics),))] == len(world_messages(WORLD)) + 1
+    assert samples[("detector_events_malformed_total", (("reason", "invalid_json"),))] >= 1
+    assert samples[("detector_instance_events_total", ())] > 0
+    assert sum(v for (n, _), v in samples.items() if n == "detector_findings_total") == len(EXPECTED)
+    assert samples[("detector_sessions", ())] > 0
+    assert any(n == "detector_consumer_lag" for n, _ in samples)
+    assert (await _get(service.http.port, "/readyz"))[0] == 200
+    assert (await _get(service.http.port, "/healthz"))[0] == 200
+    assert await stop(service, task) == 0
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus); text parsed by prometheus_client only")
+    check = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+
+
+def test_sigterm_publishes_pending_commits_and_exits_zero(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    prefix = unique("sigterm")
+    s = settings_for(broker.bootstrap, prefix, finding_update_seconds=3600)
+    asyncio.run(create_topics(broker.bootstrap, {s.input_topics: 3}))
+    librdkafka_produce(broker.bootstrap, s.input_topics, world_messages(WORLD))
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        {
+            "DETECTOR_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "DETECTOR_INPUT_TOPICS": s.input_topics,
+            "DETECTOR_FINDINGS_TOPIC": s.findings_topic,
+            "DETECTOR_DLQ_TOPIC": s.dlq_topic,
+            "DETECTOR_GROUP_ID": s.group_id,
+            "DETECTOR_REGISTRY": str(WORLD.registry),
+            "DETECTOR_HTTP_PORT": str(port),
+            "DETECTOR_FINDING_UPDATE_SECONDS": "3600",
+        }
+    )
+    log = (tmp_path / "stdout").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "detector", "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        total = len(world_messages(WORLD))
+
+        async def consumed() -> bool:
+            try:
+                _, text = await _get(port, "/metrics")
+            except aiohttp.ClientError:
+                return False
+            for fam in text_string_to_metric_families(text):
+                for sample in fam.samples:
+                    if sample.name == "detector_events_total" and sample.value >= total:
+                        return True
+            return False
+
+        asyncio.run(wait_until(consumed, timeout=60))
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert time.monotonic() - started < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = (tmp_path / "stdout").read_text()
+    lines = [orjson.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert lines and all("event" in line for line in lines), output[:2000]
+    assert "sessionToken" not in output and "IQoJb3JpZ2lu" not in output  # no secret ever logged
+    latest = latest_findings(asyncio.run(read_topic(broker.bootstrap, s.findings_topic)))
+    assert sorted(finding_key(f) for f in latest.values()) == EXPECTED  # held-back updates went out
+    committed = asyncio.run(committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 3))
+    assert committed == asyncio.run(end_offsets(broker.bootstrap, s.input_topics, 3))
