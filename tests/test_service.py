@@ -87,7 +87,13 @@ def world_records_total() -> int:
 
 
 async def wait_consumed(service: DetectorService, records: int, timeout: float = 60) -> None:
-    await wait_until(lambda: service.engine.counters.records >= records, timeout=timeout)
+    """Every input record read by the route stage, and every routed record applied by the detect stage."""
+
+    def done() -> bool:
+        p = service.progress()
+        return p["read"] >= records and p["applied"] >= p["routed"]
+
+    await wait_until(done, timeout=timeout)
 
 
 async def test_sample_world_through_kafka_equals_expected(broker: EmbeddedBroker) -> None:
@@ -140,8 +146,14 @@ async def test_malformed_messages_reach_the_dead_letter_topic(broker: EmbeddedBr
 class _DiesBeforeCommit(DetectorService):
     """Publishes findings, then 'dies' before any commit: the worst moment for at-least-once."""
 
-    async def _commit(self, partitions: Any = None) -> None:
-        return None
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+
+        async def never(partitions: Any = None) -> None:
+            return None
+
+        self.route.commit = never  # type: ignore[method-assign]
+        self.detect.commit = never  # type: ignore[method-assign]
 
 
 async def test_crash_between_publish_and_commit_loses_no_finding(broker: EmbeddedBroker) -> None:
@@ -156,6 +168,7 @@ async def test_crash_between_publish_and_commit_loses_no_finding(broker: Embedde
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 3) == {0: None, 1: None, 2: None}
+    assert set((await committed_offsets(broker.bootstrap, s.detect_group_id, s.sessions_topic_name, 6)).values()) == {None}
     # The findings topic is wiped of nothing; a restarted instance re-reads everything uncommitted.
     service, task = await start(s)
     await wait_consumed(service, world_records_total())
@@ -175,12 +188,19 @@ async def test_held_back_updates_pin_the_commit_until_published(broker: Embedded
     await wait_consumed(service, world_records_total())
     await asyncio.sleep(1.0)
     assert service.publisher.pending, "the sample world updates open findings"
-    pinned = min(min(offsets.values()) for _, offsets in service.publisher.pending.values())
-    committed = await committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 1)
-    assert committed[0] is not None and committed[0] <= pinned
+    pins: dict[int, int] = {}
+    for _, offsets in service.publisher.pending.values():
+        for tp, offset in offsets.items():
+            pins[tp.partition] = min(offset, pins.get(tp.partition, offset))
+    parts = s.state_partitions
+    committed = await committed_offsets(broker.bootstrap, s.detect_group_id, s.sessions_topic_name, parts)
+    for partition, pinned in pins.items():
+        assert committed[partition] is None or committed[partition] <= pinned
     assert await stop(service, task) == 0  # shutdown publishes the held-back states, then commits
-    ends = await end_offsets(broker.bootstrap, s.input_topics, 1)
-    assert await committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 1) == ends
+    for topic, group, n in ((s.input_topics, s.group_id, 1), (s.sessions_topic_name, s.detect_group_id, parts)):
+        ends = await end_offsets(broker.bootstrap, topic, n)
+        done = await committed_offsets(broker.bootstrap, group, topic, n)
+        assert {p: done[p] or 0 for p in done} == ends
     latest = latest_findings(await read_topic(broker.bootstrap, s.findings_topic))
     assert sorted(finding_key(f) for f in latest.values()) == EXPECTED
 
@@ -293,11 +313,14 @@ def test_sigterm_publishes_pending_commits_and_exits_zero(broker: EmbeddedBroker
                 _, text = await _get(port, "/metrics")
             except aiohttp.ClientError:
                 return False
+            values: dict[str, float] = {}
             for fam in text_string_to_metric_families(text):
                 for sample in fam.samples:
-                    if sample.name == "detector_events_total" and sample.value >= total:
-                        return True
-            return False
+                    values[sample.name] = values.get(sample.name, 0.0) + sample.value
+            return (
+                values.get("detector_events_total", 0) >= total
+                and values.get("detector_detect_records_total", 0) >= values.get("detector_repartitioned_total", 1)
+            )
 
         asyncio.run(wait_until(consumed, timeout=60))
         started = time.monotonic()

@@ -80,6 +80,30 @@ def parse_event_time(value: Any) -> float:
     return dt.timestamp()
 
 
+def is_service_call(identity: dict[str, Any], source: Any) -> bool:
+    """SPEC §4.1: an AWS service acting on the caller's behalf."""
+    return bool(identity.get("invokedBy")) or (
+        isinstance(source, str) and (source.endswith(".amazonaws.com") or source.startswith("AWS Internal"))
+    )
+
+
+def check_decidable(record: dict[str, Any]) -> None:
+    """Raise :class:`MalformedRecord` for an instance-credential record ``Engine.apply`` would reject.
+
+    Lets a stage that only routes records (the service's first stage) dead-letter the original input
+    instead of passing an undecidable record on.
+    """
+    parse_event_time(record.get("eventTime"))
+    source = record.get("sourceIPAddress")
+    if is_service_call(record["userIdentity"], source):
+        return
+    vpce = record.get("vpcEndpointId")
+    if isinstance(vpce, str) and vpce.startswith("vpce-"):
+        return
+    if not isinstance(source, str) or parse_address(source) is None:
+        raise MalformedRecord("bad_field", f"sourceIPAddress {str(source)[:60]!r} is neither an address nor a service")
+
+
 def session_parts(record: dict[str, Any]) -> tuple[str, str, str, str, str] | None:
     """``(session_key, partition, account, role, instance_id)`` if made with instance credentials."""
     identity = record.get("userIdentity")
@@ -148,10 +172,7 @@ class Engine:
 
     def origin(self, record: dict[str, Any], identity: dict[str, Any], home: str) -> Origin:
         source = record.get("sourceIPAddress")
-        invoked_by = identity.get("invokedBy")
-        if invoked_by or (
-            isinstance(source, str) and (source.endswith(".amazonaws.com") or source.startswith("AWS Internal"))
-        ):
+        if is_service_call(identity, source):
             return Origin(ORIGIN_SERVICE)
         parsed = parse_address(source) if isinstance(source, str) else None
         address = format_address(*parsed) if parsed is not None else None

@@ -1,14 +1,26 @@
-"""``detector run``: the Kafka adapter around the core (SPEC §9) — at least once, observable.
+"""``detector run``: the Kafka adapter around the core (SPEC §9, issues 3 and 4).
 
-One asyncio loop runs the consumer loop, the HTTP endpoints and the registry watcher. A fetched batch
-is decoded and applied to the state synchronously (the core never awaits), then its outputs (finding
-states, dead letters) are produced and awaited, and only then are the input offsets committed
-(``offset + 1``), bounded by the offsets of finding changes still held back by the update interval.
+A Kafka stream processor in two stages, both on one asyncio loop with the HTTP endpoints:
+
+1. **route** (consumer group ``group_id``, the input topics): decode each message; instance-session and
+   credential-issuance records are re-keyed by session ARN onto the internal ``sessions_topic``;
+   malformed input goes to the dead-letter topic; every other record is dropped early.
+2. **detect** (consumer group ``<group_id>.detect``, the ``sessions_topic``): one ``DetectorState`` per
+   partition, so a session always lives in one partition of one process. Every state change goes to the
+   compacted ``changelog_topic`` (same partition, tagged with the source offset), findings to the
+   findings topic. On assignment a partition is paused, its state restored from the changelog (skipping
+   changes made by input that was never committed), then resumed.
+
+At least once, in both stages: a batch is applied synchronously (the core never awaits), its outputs are
+produced and awaited, and only then are its input offsets committed (``offset + 1``) — bounded, in the
+detect stage, by the offsets of finding changes still held back by the update interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+from abc import ABC, abstractmethod
 import os
 import signal
 import time
@@ -20,19 +32,13 @@ import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import (
-    CommitFailedError,
-    IllegalStateError,
-    KafkaConnectionError,
-    KafkaError,
-    TopicAlreadyExistsError,
-)
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, TopicAlreadyExistsError
 
 from .. import ipranges
-from ..core.engine import Engine, MalformedRecord
+from ..core import changelog
+from ..core.engine import Engine, MalformedRecord, check_decidable, issuance_parts, session_parts
 from ..core.findings import render
-from ..core.records import decode
-from ..core.registry import Registry
+from ..core.records import BAD_RECORD, INVALID_JSON, decode, is_cloudtrail_record
 from ..core.state import DetectorState, EngineConfig, FindingGroup
 from ..registry import RegistryError, load_registry
 from .http import HttpServer
@@ -44,10 +50,16 @@ from .settings import Settings
 log = structlog.get_logger("detector.service")
 
 EMPTY_VALUE = "empty_value"
+SOURCE_TOPIC = "detector.source.topic"
+SOURCE_PARTITION = "detector.source.partition"
+SOURCE_OFFSET = "detector.source.offset"
+CHANGELOG_CONFIG = {"cleanup.policy": "compact", "min.compaction.lag.ms": str(3600 * 1000)}
+
+Output = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]  # topic, value, key, headers, partition
 
 
 class StartupError(Exception):
-    """A configuration, registry or ranges problem found before consuming anything."""
+    """A configuration, registry, ranges or topic problem found before consuming anything."""
 
 
 def eventbridge_envelope(finding: dict[str, Any]) -> dict[str, Any]:
@@ -65,23 +77,445 @@ def eventbridge_envelope(finding: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class _RebalanceListener(ConsumerRebalanceListener):
+def route_key(record: dict[str, Any]) -> str | None:
+    """The session key a record belongs to, if it is one the detector keeps (SPEC §3).
+
+    Raises :class:`MalformedRecord` for an instance-credential record the detect stage could not decide.
+    """
+    parts = session_parts(record)
+    if parts is not None:
+        check_decidable(record)
+        return parts[0]
+    issued = issuance_parts(record)
+    return issued[0] if issued is not None else None
+
+
+def source_headers(msg: Any) -> list[tuple[str, bytes]]:
+    return [
+        (SOURCE_TOPIC, msg.topic.encode()),
+        (SOURCE_PARTITION, str(msg.partition).encode()),
+        (SOURCE_OFFSET, str(msg.offset).encode()),
+    ]
+
+
+def _label(tp: TopicPartition) -> str:
+    return f"{tp.topic}/{tp.partition}"
+
+
+class _Listener(ConsumerRebalanceListener):
     """aiokafka swallows exceptions raised here, so every failure is logged and counted explicitly."""
 
-    def __init__(self, service: DetectorService) -> None:
-        self.service = service
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         try:
-            await self.service.on_revoked(set(revoked))
+            await self.stage.on_revoked(set(revoked))
         except Exception:  # noqa: BLE001 - must not vanish silently
-            log.exception("rebalance_revoke_failed")
+            log.exception("rebalance_revoke_failed", stage=self.stage.name)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         try:
-            await self.service.on_assigned(set(assigned))
+            await self.stage.on_assigned(set(assigned))
         except Exception:  # noqa: BLE001
-            log.exception("rebalance_assign_failed")
+            log.exception("rebalance_assign_failed", stage=self.stage.name)
+
+
+class Stage(ABC):
+    """One consumer-group member: fetch a batch, apply it, produce its outputs, then commit."""
+
+    name = "stage"
+
+    def __init__(self, service: DetectorService, group_id: str) -> None:
+        self.service = service
+        self.group_id = group_id
+        self.consumer: AIOKafkaConsumer | None = None
+        self.lock = asyncio.Lock()  # one batch (process, produce, ack) at a time; rebalances wait
+        self.processed: dict[TopicPartition, int] = {}  # next offset to commit
+        self.committed: dict[TopicPartition, int] = {}
+        self.assigned: set[TopicPartition] = set()
+        self.outbox: list[Output] = []
+
+    @abstractmethod
+    def subscribe(self, consumer: AIOKafkaConsumer, listener: ConsumerRebalanceListener) -> None:
+        """Subscribe ``consumer`` to this stage's topics with ``listener``."""
+
+    @abstractmethod
+    def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Apply a fetched batch synchronously, queueing its outputs in ``self.outbox``."""
+
+    def commit_bound(self, tp: TopicPartition, processed: int) -> int:
+        return processed
+
+    async def flush(self, flush_all: bool = False) -> None:
+        outbox, self.outbox = self.outbox, []
+        await self.service.produce_all(outbox)
+
+    # machinery
+    async def start(self) -> None:
+        kwargs = consumer_kwargs(self.service.settings)
+        kwargs["group_id"] = self.group_id
+        self.consumer = AIOKafkaConsumer(**kwargs)
+        await self.consumer.start()
+        self.subscribe(self.consumer, _Listener(self))
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            try:
+                await self.consumer.stop()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                log.debug("consumer_stop_failed", stage=self.name, exc_info=True)
+            self.consumer = None
+
+    async def loop(self) -> None:
+        service = self.service
+        settings = service.settings
+        metrics = service.metrics
+        while not service.stopping.is_set():
+            service.heartbeat()
+            assert self.consumer is not None
+            try:
+                batch = await self.consumer.getmany(timeout_ms=500, max_records=settings.max_poll_records)
+            except (IllegalStateError, KafkaError) as exc:
+                log.warning("fetch_failed", stage=self.name, error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.5)
+                continue
+            started = time.perf_counter()
+            async with self.lock:
+                if batch:
+                    self.process(batch)
+                await self.flush()
+            await self.commit()
+            if batch:
+                metrics.processing.observe(time.perf_counter() - started)
+
+    async def commit(self, partitions: set[TopicPartition] | None = None) -> None:
+        if self.consumer is None:
+            return
+        allowed = self.assigned if partitions is None else partitions
+        offsets = {}
+        for tp, processed in self.processed.items():
+            if tp in allowed:
+                bound = self.commit_bound(tp, processed)
+                if bound > self.committed.get(tp, -1):
+                    offsets[tp] = bound
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+            self.service.metrics.commit_failures.inc()
+            log.warning("commit_failed", stage=self.name, error=f"{type(exc).__name__}: {exc}")
+            return
+        self.service.metrics.commits.inc()
+        self.committed.update(offsets)
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.service.metrics.rebalances.labels("revoked").inc()
+        async with self.lock:
+            await self.flush(flush_all=True)
+        await self.commit(revoked & self.assigned)
+        self.assigned -= revoked
+        for tp in revoked:
+            self.processed.pop(tp, None)
+            self.committed.pop(tp, None)
+        self.dropped(revoked)
+        self.service.partitions_changed()
+        log.info("partitions_revoked", stage=self.name, partitions=sorted(_label(tp) for tp in revoked))
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.service.metrics.rebalances.labels("assigned").inc()
+        self.assigned |= assigned
+        self.added(assigned)
+        self.service.partitions_changed()
+        log.info("partitions_assigned", stage=self.name, partitions=sorted(_label(tp) for tp in assigned))
+
+    def added(self, assigned: set[TopicPartition]) -> None:
+        pass
+
+    def dropped(self, revoked: set[TopicPartition]) -> None:
+        pass
+
+    def update_lag(self) -> None:
+        if self.consumer is None:
+            return
+        gauge = self.service.metrics.consumer_lag
+        for tp in self.assigned:
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                position = self.processed.get(tp, self.committed.get(tp, high))
+                gauge.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
+
+    def dead_letter(self, msg: Any, reason: str, detail: str, headers: list[tuple[str, bytes]]) -> None:
+        s = self.service.settings
+        headers = headers + [("detector.error.reason", reason.encode()), ("detector.error", detail.encode()[:1000])]
+        self.outbox.append((s.dlq_topic, msg.value if msg.value is not None else b"", msg.key, headers, None))
+        self.service.metrics.dead_letters.inc()
+
+
+class RouteStage(Stage):
+    """Input topics → ``sessions_topic`` keyed by session ARN; malformed input → dead letters."""
+
+    name = "route"
+
+    def __init__(self, service: DetectorService) -> None:
+        super().__init__(service, service.settings.group_id)
+        self.records_read = 0
+        self.records_routed = 0
+
+    def subscribe(self, consumer: AIOKafkaConsumer, listener: ConsumerRebalanceListener) -> None:
+        kind, value = self.service.settings.input_subscription
+        if kind == "pattern":
+            consumer.subscribe(pattern=value, listener=listener)
+        else:
+            consumer.subscribe(topics=value, listener=listener)
+
+    def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        m = self.service.metrics
+        sessions_topic = self.service.settings.sessions_topic_name
+        outbox = self.outbox
+        dumps = orjson.dumps
+        read = routed = 0
+        for tp, messages in batch.items():
+            m.events.labels(tp.topic).inc(len(messages))
+            for msg in messages:
+                if msg.value is None:
+                    m.malformed.labels(EMPTY_VALUE).inc()
+                    self.dead_letter(msg, EMPTY_VALUE, "message has no value", list(msg.headers or ()) + source_headers(msg))
+                    continue
+                decoded = decode(msg.value)
+                headers: list[tuple[str, bytes]] | None = None
+                problem: MalformedRecord | None = None
+                for record in decoded.records:
+                    read += 1
+                    try:
+                        key = route_key(record)
+                    except MalformedRecord as exc:
+                        m.malformed.labels(exc.reason).inc()
+                        problem = problem or exc
+                        continue
+                    if key is None:
+                        continue
+                    if headers is None:
+                        headers = source_headers(msg)
+                    outbox.append((sessions_topic, dumps(record), key.encode(), headers, None))
+                    routed += 1
+                if decoded.malformed:
+                    for reason in decoded.malformed:
+                        m.malformed.labels(reason).inc()
+                    kinds = ", ".join(sorted(set(decoded.malformed)))
+                    self.dead_letter(
+                        msg,
+                        decoded.malformed[0],
+                        f"{len(decoded.malformed)} malformed element(s): {kinds}",
+                        list(msg.headers or ()) + source_headers(msg),
+                    )
+                elif problem is not None:
+                    self.dead_letter(msg, problem.reason, str(problem), list(msg.headers or ()) + source_headers(msg))
+            self.processed[tp] = messages[-1].offset + 1
+        self.records_read += read
+        self.records_routed += routed
+        m.repartitioned.inc(routed)
+        m.records_dropped.inc(read - routed)
+
+
+class DetectStage(Stage):
+    """``sessions_topic`` partitions → per-partition state, changelog, findings."""
+
+    name = "detect"
+
+    def __init__(self, service: DetectorService) -> None:
+        super().__init__(service, service.settings.detect_group_id)
+        self.states: dict[int, DetectorState] = {}
+        self.restoring: dict[int, asyncio.Task[None]] = {}
+        self.records_applied = 0
+        self.partitions_total = service.settings.state_partitions
+
+    def subscribe(self, consumer: AIOKafkaConsumer, listener: ConsumerRebalanceListener) -> None:
+        consumer.subscribe(topics=[self.service.settings.sessions_topic_name], listener=listener)
+
+    def new_state(self) -> DetectorState:
+        s = self.service.settings
+        cap = max(1, math.ceil(s.max_sessions / max(1, self.partitions_total)))
+        config = EngineConfig(
+            session_ttl_seconds=s.session_ttl_seconds, max_sessions=cap, finding_ttl_seconds=s.finding_ttl_seconds
+        )
+        return DetectorState(config, track_changes=True)
+
+    def commit_bound(self, tp: TopicPartition, processed: int) -> int:
+        return self.service.publisher.commit_bound(tp, processed)
+
+    def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        service = self.service
+        m = service.metrics
+        apply = service.engine.apply
+        observe = service.publisher.observe
+        changelog_topic = service.settings.changelog_topic_name
+        now = time.time()
+        counters = service.engine.counters
+        instance_before = counters.instance_records
+        for tp, messages in batch.items():
+            state = self.states.get(tp.partition)
+            if state is None:  # not restored (paused partitions yield nothing; this is a safety net)
+                continue
+            expired, evicted = state.expired, state.evicted
+            for msg in messages:
+                try:
+                    record = orjson.loads(msg.value) if msg.value is not None else None
+                except orjson.JSONDecodeError:
+                    record = None
+                if not is_cloudtrail_record(record):
+                    reason = INVALID_JSON if record is None else BAD_RECORD
+                    m.malformed.labels(reason).inc()
+                    self.dead_letter(msg, reason, "not a CloudTrail record on the sessions topic", list(msg.headers or ()))
+                    continue
+                try:
+                    changes = apply(state, record)
+                except MalformedRecord as exc:
+                    m.malformed.labels(exc.reason).inc()
+                    self.dead_letter(msg, exc.reason, str(exc), list(msg.headers or ()))
+                    continue
+                for change in changes:
+                    if change.new:
+                        group = change.group
+                        m.findings.labels(group.type.rsplit(".", 1)[-1], str(group.severity)).inc()
+                    observe(change, tp, msg.offset, now)
+            last = messages[-1].offset
+            offset_header = [(changelog.OFFSET_HEADER, str(last).encode())]
+            for key, value in changelog.drain(state):
+                self.outbox.append((changelog_topic, value, key, offset_header, tp.partition))
+                m.changelog_records.inc()
+            m.evictions.labels("ttl").inc(state.expired - expired)
+            m.evictions.labels("lru").inc(state.evicted - evicted)
+            self.processed[tp] = last + 1
+            self.records_applied += len(messages)
+            m.detected.inc(len(messages))
+        m.instance_events.inc(counters.instance_records - instance_before)
+
+    async def flush(self, flush_all: bool = False) -> None:
+        """Changelog, dead letters and due finding states, all acknowledged before any commit."""
+        service = self.service
+        s = service.settings
+        now = time.time()
+        groups = service.publisher.take_due(now, flush_all=flush_all)
+        rendered: list[tuple[FindingGroup, dict[str, Any]]] = []
+        for group in groups:
+            finding = render(group)
+            rendered.append((group, finding))
+            body = eventbridge_envelope(finding) if s.eventbridge_envelope else finding
+            self.outbox.append((s.findings_topic, orjson.dumps(body), group.id.encode(), [], None))
+        await super().flush(flush_all)
+        if not groups:
+            return
+        sent_at = time.time()
+        service.publisher.published(groups, sent_at)
+        service.metrics.finding_updates.inc(len(groups))
+        for group, finding in rendered:
+            service.metrics.event_lag.observe(max(0.0, sent_at - group.last_ts))
+            if group.version == 1:
+                log.info(
+                    "finding",
+                    finding_id=group.id,
+                    type=group.type,
+                    severity=group.severity,
+                    account=group.account,
+                    instance=group.instance_id,
+                    remote_account=group.remote_account,
+                    count=group.count,
+                )
+            if service.on_finding is not None:
+                service.on_finding(finding)
+
+    # --- state restoration -------------------------------------------------------------------------
+
+    def added(self, assigned: set[TopicPartition]) -> None:
+        assert self.consumer is not None
+        fresh = [tp for tp in assigned if tp.partition not in self.states and tp.partition not in self.restoring]
+        if not fresh:
+            return
+        self.consumer.pause(*fresh)
+        for tp in fresh:
+            self.restoring[tp.partition] = asyncio.create_task(self.restore(tp), name=f"restore-{tp.partition}")
+        self.service.metrics.restoring_partitions.set(len(self.restoring))
+
+    def dropped(self, revoked: set[TopicPartition]) -> None:
+        gids = []
+        for tp in revoked:
+            task = self.restoring.pop(tp.partition, None)
+            if task is not None:
+                task.cancel()
+            state = self.states.pop(tp.partition, None)
+            if state is not None:
+                gids.extend(state.groups)
+        self.service.publisher.forget(gids)
+        self.service.metrics.restoring_partitions.set(len(self.restoring))
+
+    async def restore(self, tp: TopicPartition) -> None:
+        """Rebuild partition ``tp``'s state from its changelog partition, then resume it."""
+        service = self.service
+        started = time.monotonic()
+        partition = tp.partition
+        restored = skipped = 0
+        reader: AIOKafkaConsumer | None = None
+        try:
+            assert self.consumer is not None
+            committed = await self.consumer.committed(tp) or 0
+            reader = AIOKafkaConsumer(
+                **kafka_common_kwargs(service.settings), group_id=None, enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            await reader.start()
+            source = TopicPartition(service.settings.changelog_topic_name, partition)
+            reader.assign([source])
+            end = (await reader.end_offsets([source]))[source]  # high watermark at assignment
+            await reader.seek_to_beginning(source)
+            state = self.new_state()
+            idle = 0
+            while await reader.position(source) < end:
+                batch = await reader.getmany(source, timeout_ms=1000, max_records=20_000)
+                idle = 0 if batch else idle + 1
+                if idle >= 30:
+                    log.warning("restore_stalled", partition=_label(tp), position=await reader.position(source), end=end)
+                    break
+                for msg in batch.get(source, ()):
+                    offset = changelog.source_offset(msg.headers)
+                    if offset is not None and offset >= committed:
+                        skipped += 1  # made by input that was never committed: it will be consumed again
+                        continue
+                    changelog.apply_record(state, msg.key, msg.value)
+                    restored += 1
+                service.metrics.restored_records.inc(sum(len(v) for v in batch.values()))
+            state.drain_changes()
+            self.states[partition] = state
+        except asyncio.CancelledError:
+            log.info("restore_cancelled", partition=_label(tp))
+            raise
+        finally:
+            if reader is not None:
+                await reader.stop()
+            if self.restoring.get(partition) is asyncio.current_task():
+                del self.restoring[partition]
+            service.metrics.restoring_partitions.set(len(self.restoring))
+        elapsed = time.monotonic() - started
+        service.metrics.restore_seconds.observe(elapsed)
+        if tp in self.assigned and self.consumer is not None:
+            self.consumer.resume(tp)
+        service.partitions_changed()
+        log.info(
+            "state_restored",
+            partition=_label(tp),
+            sessions=len(self.states[partition].sessions),
+            findings=len(self.states[partition].groups),
+            changelog_records=restored,
+            skipped_uncommitted=skipped,
+            committed_offset=committed,
+            seconds=round(elapsed, 3),
+        )
+
+    def update_gauges(self) -> None:
+        m = self.service.metrics
+        m.sessions.set(sum(len(s.sessions) for s in self.states.values()))
+        m.findings_open.set(sum(len(s.groups) for s in self.states.values()))
 
 
 class DetectorService:
@@ -100,28 +534,16 @@ class DetectorService:
         except (RegistryError, ipranges.IpRangesError) as exc:
             raise StartupError(str(exc)) from None
         self.engine = Engine(registry, ranges)
-        self.state = DetectorState(
-            EngineConfig(
-                session_ttl_seconds=settings.session_ttl_seconds,
-                max_sessions=settings.max_sessions,
-                finding_ttl_seconds=settings.finding_ttl_seconds,
-            )
-        )
         self.publisher = FindingPublisher(settings.finding_update_seconds)
-        self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.http: HttpServer | None = None
+        self.route = RouteStage(self)
+        self.detect = DetectStage(self)
         self.stopping = asyncio.Event()
-        self._lock = asyncio.Lock()  # one batch (process, produce, ack) at a time; rebalances wait
-        self._dead: list[tuple[Any, str, str]] = []  # (message, reason, detail) for the dead letters
-        self._processed: dict[TopicPartition, int] = {}  # next offset to commit, per partition
-        self._committed: dict[TopicPartition, int] = {}
-        self._assigned: set[TopicPartition] = set()
         self._connected = False
-        self._consumer_failed = False
+        self._failed = False
         self._last_loop = time.monotonic()
-        self._registry_stamp = self._stamp()
-        self._seen_counts = (0, 0, 0)
+        self._stamps = {"registry": self._stamp(settings.registry), "ip_ranges": self._stamp(settings.ip_ranges)}
         m = self.metrics
         m.session_ttl.set(settings.session_ttl_seconds)
         m.session_capacity.set(settings.max_sessions)
@@ -130,13 +552,37 @@ class DetectorService:
 
     # --- health ------------------------------------------------------------------------------------
 
+    def heartbeat(self) -> None:
+        self._last_loop = time.monotonic()
+
     def healthy(self) -> bool:
-        """Event loop responsive (we are answering) and the consumer loop alive and turning."""
+        """Event loop responsive (we are answering) and the consumer loops alive and turning."""
         stalled = time.monotonic() - self._last_loop > max(60.0, 4 * self.settings.grace_seconds)
-        return not self._consumer_failed and not (self._connected and stalled)
+        return not self._failed and not (self._connected and stalled)
 
     def ready(self) -> bool:
-        return self._connected and bool(self._assigned) and not self.stopping.is_set()
+        return (
+            self._connected
+            and not self.stopping.is_set()
+            and bool(self.route.assigned or self.detect.assigned)
+            and not self.detect.restoring
+        )
+
+    def partitions_changed(self) -> None:
+        self.metrics.assigned_partitions.set(len(self.route.assigned) + len(self.detect.assigned))
+        self.metrics.ready.set(1 if self.ready() else 0)
+
+    def progress(self) -> dict[str, int]:
+        """Records read from the inputs, routed to the sessions topic, and applied by the detect stage."""
+        return {
+            "read": self.route.records_read,
+            "routed": self.route.records_routed,
+            "applied": self.detect.records_applied,
+        }
+
+    @property
+    def states(self) -> dict[int, DetectorState]:
+        return self.detect.states
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -151,45 +597,52 @@ class DetectorService:
             input=s.input_topics,
             findings_topic=s.findings_topic,
             dlq_topic=s.dlq_topic,
+            sessions_topic=s.sessions_topic_name,
+            changelog_topic=s.changelog_topic_name,
             group_id=s.group_id,
             http_port=self.http.port,
             registry=self.engine.registry.summary(),
             ip_ranges={k: v for k, v in self.ranges_info.items() if k != "source"},
         )
-        watcher = asyncio.create_task(self._watch_registry(), name="registry-watcher")
+        background = [
+            asyncio.create_task(self._watch_files(), name="file-watcher"),
+            asyncio.create_task(self._gauges(), name="gauges"),
+        ]
+        code = 0
         try:
             if await self._connect():
-                await self._consume()
-            return 0
+                results = await asyncio.gather(self.route.loop(), self.detect.loop(), return_exceptions=True)
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    self._failed = True
+                    code = 1
+                    for err in errors:
+                        log.error("consumer_loop_failed", error=f"{type(err).__name__}: {err}")
+            return code
         finally:
-            watcher.cancel()
+            for task in background:
+                task.cancel()
             await self._shutdown()
 
     def stop(self) -> None:
         if not self.stopping.is_set():
             log.info("stop_requested")
             self.stopping.set()
+            self.metrics.ready.set(0)
 
     async def _connect(self) -> bool:
-        """Start producer and consumer, retrying with capped exponential backoff until stopped."""
+        """Create/check topics, start producer and consumers; retry with capped backoff until stopped."""
         s = self.settings
         delay = 0.5
         attempt = 0
         while not self.stopping.is_set():
             attempt += 1
             try:
-                if s.auto_create_topics:
-                    await self._ensure_topics()
+                await self._ensure_topics()
                 self.producer = AIOKafkaProducer(**producer_kwargs(s))
                 await self.producer.start()
-                self.consumer = AIOKafkaConsumer(**consumer_kwargs(s))
-                await self.consumer.start()
-                kind, value = s.input_subscription
-                listener = _RebalanceListener(self)
-                if kind == "pattern":
-                    self.consumer.subscribe(pattern=value, listener=listener)
-                else:
-                    self.consumer.subscribe(topics=value, listener=listener)
+                await self.route.start()
+                await self.detect.start()
                 self._connected = True
                 log.info("connected", attempt=attempt)
                 return True
@@ -210,188 +663,99 @@ class DetectorService:
         return False
 
     async def _ensure_topics(self) -> None:
+        """Create missing topics (when allowed) and check the internal ones agree in partition count."""
         s = self.settings
         admin = AIOKafkaAdminClient(**kafka_common_kwargs(s))
         await admin.start()
         try:
             existing = set(await admin.list_topics())
-            wanted = [
-                NewTopic(
-                    s.findings_topic,
-                    s.topic_partitions,
-                    s.topic_replication_factor,
+            wanted = {
+                s.findings_topic: NewTopic(
+                    s.findings_topic, s.topic_partitions, s.topic_replication_factor,
                     topic_configs={"cleanup.policy": "compact"},
                 ),
-                NewTopic(s.dlq_topic, s.topic_partitions, s.topic_replication_factor),
-            ]
-            missing = [t for t in wanted if t.name not in existing]
+                s.dlq_topic: NewTopic(s.dlq_topic, s.topic_partitions, s.topic_replication_factor),
+                s.sessions_topic_name: NewTopic(s.sessions_topic_name, s.state_partitions, s.topic_replication_factor),
+                s.changelog_topic_name: NewTopic(
+                    s.changelog_topic_name, s.state_partitions, s.topic_replication_factor,
+                    topic_configs=dict(CHANGELOG_CONFIG),
+                ),
+            }
+            missing = [t for name, t in wanted.items() if name not in existing]
             if missing:
-                try:
-                    await admin.create_topics(missing)
-                    log.info("topics_created", topics=[t.name for t in missing])
-                except TopicAlreadyExistsError:
-                    pass
+                if not s.auto_create_topics:
+                    raise StartupError(
+                        f"topics missing and auto_create_topics is off: {', '.join(t.name for t in missing)}"
+                    )
+                for topic in missing:  # one at a time: a concurrent instance may create one first
+                    try:
+                        await admin.create_topics([topic])
+                        log.info("topic_created", topic=topic.name, partitions=topic.num_partitions)
+                    except TopicAlreadyExistsError:
+                        pass
+            described = await admin.describe_topics([s.sessions_topic_name, s.changelog_topic_name])
+            counts = {d["topic"]: len(d["partitions"]) for d in described}
+            sessions, logged = counts.get(s.sessions_topic_name, 0), counts.get(s.changelog_topic_name, 0)
+            if sessions != logged or sessions == 0:
+                raise StartupError(
+                    f"sessions_topic {s.sessions_topic_name!r} has {sessions} partitions but changelog_topic "
+                    f"{s.changelog_topic_name!r} has {logged}: they must be equal (and non-zero), or state would "
+                    "be restored into the wrong partitions; recreate the changelog with the sessions topic's count"
+                )
+            self.detect.partitions_total = sessions
         finally:
             await admin.close()
 
     async def _close_clients(self) -> None:
-        for client in (self.consumer, self.producer):
-            if client is not None:
-                try:
-                    await client.stop()
-                except Exception:  # noqa: BLE001 - best effort on the way out
-                    log.debug("client_stop_failed", exc_info=True)
-        self.consumer = None
-        self.producer = None
+        await self.route.stop()
+        await self.detect.stop()
+        if self.producer is not None:
+            try:
+                await self.producer.stop()
+            except Exception:  # noqa: BLE001
+                log.debug("producer_stop_failed", exc_info=True)
+            self.producer = None
 
     async def _shutdown(self) -> None:
-        """Publish pending updates, commit, leave the group. The listener is not called on stop()."""
-        if self._connected and self.consumer is not None:
-            try:
-                async with self._lock:
-                    await asyncio.wait_for(self._flush(flush_all=True), timeout=self.settings.grace_seconds)
-                await asyncio.wait_for(self._commit(), timeout=self.settings.grace_seconds)
-            except (asyncio.TimeoutError, KafkaError) as exc:
-                log.error("shutdown_flush_failed", error=f"{type(exc).__name__}: {exc}")
+        """Publish pending updates, commit, leave the groups. The listener is not called on stop()."""
+        grace = self.settings.grace_seconds
+        if self._connected:
+            for task in list(self.detect.restoring.values()):
+                task.cancel()
+            for stage in (self.route, self.detect):
+                try:
+                    async with stage.lock:
+                        await asyncio.wait_for(stage.flush(flush_all=True), timeout=grace)
+                    await asyncio.wait_for(stage.commit(), timeout=grace)
+                except (asyncio.TimeoutError, KafkaError) as exc:
+                    log.error("shutdown_flush_failed", stage=stage.name, error=f"{type(exc).__name__}: {exc}")
         self._connected = False
         self.metrics.ready.set(0)
+        committed = {_label(tp): o for st in (self.route, self.detect) for tp, o in st.committed.items()}
         await self._close_clients()
         if self.http is not None:
             await self.http.stop()
-        log.info("stopped", committed={f"{tp.topic}/{tp.partition}": o for tp, o in self._committed.items()})
+        log.info("stopped", committed=committed)
 
-    # --- consuming ---------------------------------------------------------------------------------
-
-    async def _consume(self) -> None:
-        assert self.consumer is not None
-        s = self.settings
-        next_lag = 0.0
-        while not self.stopping.is_set():
-            self._last_loop = time.monotonic()
-            try:
-                batch = await self.consumer.getmany(timeout_ms=500, max_records=s.max_poll_records)
-            except (IllegalStateError, KafkaError) as exc:
-                log.warning("fetch_failed", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(0.5)
-                continue
-            started = time.perf_counter()
-            async with self._lock:
-                if batch:
-                    self._process(batch)
-                await self._flush()
-            await self._commit()
-            if batch:
-                self.metrics.processing.observe(time.perf_counter() - started)
-            now = time.monotonic()
-            if now >= next_lag:
-                self._update_gauges()
-                next_lag = now + 5.0
-
-    def _process(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        """Decode and apply one batch; queue dead letters and due finding states. Never awaits."""
-        m = self.metrics
-        apply = self.engine.apply
-        state = self.state
-        observe = self.publisher.observe
-        now = time.time()
-        for tp, messages in batch.items():
-            m.events.labels(tp.topic).inc(len(messages))
-            for msg in messages:
-                if msg.value is None:
-                    decoded = None
-                    error: str | None = EMPTY_VALUE
-                    detail = "message has no value"
-                    m.malformed.labels(EMPTY_VALUE).inc()
-                else:
-                    decoded = decode(msg.value)
-                    error = decoded.error
-                    detail = f"{len(decoded.malformed)} malformed element(s): {', '.join(sorted(set(decoded.malformed)))}"
-                    for reason in decoded.malformed:
-                        m.malformed.labels(reason).inc()
-                if decoded is not None:
-                    for record in decoded.records:
-                        try:
-                            changes = apply(state, record)
-                        except MalformedRecord as exc:
-                            m.malformed.labels(exc.reason).inc()
-                            if error is None:
-                                error, detail = exc.reason, str(exc)
-                            continue
-                        for change in changes:
-                            if change.new:
-                                group = change.group
-                                m.findings.labels(group.type.rsplit(".", 1)[-1], str(group.severity)).inc()
-                            observe(change, tp, msg.offset, now)
-                if error is not None:
-                    self._dead.append((msg, error, detail))
-            self._processed[tp] = messages[-1].offset + 1
-        counters = self.engine.counters
-        seen = (counters.instance_records, state.expired, state.evicted)
-        m.instance_events.inc(seen[0] - self._seen_counts[0])
-        m.evictions.labels("ttl").inc(seen[1] - self._seen_counts[1])
-        m.evictions.labels("lru").inc(seen[2] - self._seen_counts[2])
-        self._seen_counts = seen
-
-    async def _flush(self, flush_all: bool = False) -> None:
-        """Produce queued dead letters and due finding states; return once all are acknowledged."""
-        now = time.time()
-        groups = self.publisher.take_due(now, flush_all=flush_all)
-        dead, self._dead = self._dead, []
-        if not groups and not dead:
-            return
-        s = self.settings
-        outputs: list[tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]] = []
-        rendered: list[tuple[FindingGroup, dict[str, Any]]] = []
-        for group in groups:
-            finding = render(group)
-            rendered.append((group, finding))
-            body = eventbridge_envelope(finding) if s.eventbridge_envelope else finding
-            outputs.append((s.findings_topic, orjson.dumps(body), group.id.encode(), []))
-        for msg, error, detail in dead:
-            headers = list(msg.headers or ()) + [
-                ("detector.error.reason", error.encode()),
-                ("detector.error", detail.encode()[:1000]),
-                ("detector.source.topic", msg.topic.encode()),
-                ("detector.source.partition", str(msg.partition).encode()),
-                ("detector.source.offset", str(msg.offset).encode()),
-            ]
-            outputs.append((s.dlq_topic, msg.value if msg.value is not None else b"", msg.key, headers))
-        await self._produce_all(outputs)
-        sent_at = time.time()
-        self.publisher.published(groups, sent_at)
-        self.metrics.dead_letters.inc(len(dead))
-        self.metrics.finding_updates.inc(len(groups))
-        for group, finding in rendered:
-            self.metrics.event_lag.observe(max(0.0, sent_at - group.last_ts))
-            if group.version == 1 or self.on_finding is not None:
-                log.info(
-                    "finding",
-                    finding_id=group.id,
-                    type=group.type,
-                    severity=group.severity,
-                    account=group.account,
-                    instance=group.instance_id,
-                    remote_account=group.remote_account,
-                    count=group.count,
-                )
-            if self.on_finding is not None:
-                self.on_finding(finding)
-
-    async def _produce_all(self, outputs: list[tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]]) -> None:
+    async def produce_all(self, outputs: list[Output]) -> None:
         """Produce every output and wait for the acks, retrying failures with backoff.
 
-        Gives up only when stopping and the grace period is over (the caller then skips the commit,
-        so the inputs are consumed again after a restart).
+        Gives up only when stopping and the grace period is over (the caller's commit then fails to
+        happen, so the inputs are consumed again after a restart).
         """
+        if not outputs:
+            return
         assert self.producer is not None
         todo = outputs
         delay = 0.2
         deadline: float | None = None
         while todo:
-            futures = []
-            for topic, value, key, headers in todo:
+            futures: list[Any] = []
+            for topic, value, key, headers, partition in todo:
                 try:
-                    futures.append(await self.producer.send(topic, value=value, key=key, headers=headers))
+                    futures.append(
+                        await self.producer.send(topic, value=value, key=key, headers=headers, partition=partition)
+                    )
                 except KafkaError as exc:
                     futures.append(exc)
             failed = []
@@ -414,70 +778,18 @@ class DetectorService:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    async def _commit(self, partitions: set[TopicPartition] | None = None) -> None:
-        if self.consumer is None:
-            return
-        assigned = self._assigned if partitions is None else partitions
-        offsets = {}
-        for tp, processed in self._processed.items():
-            if tp not in assigned:
-                continue
-            bound = self.publisher.commit_bound(tp, processed)
-            if bound > self._committed.get(tp, -1):
-                offsets[tp] = bound
-        if not offsets:
-            return
-        try:
-            await self.consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
-            self.metrics.commit_failures.inc()
-            log.warning("commit_failed", error=f"{type(exc).__name__}: {exc}")
-            return
-        self.metrics.commits.inc()
-        self._committed.update(offsets)
+    async def _gauges(self) -> None:
+        while True:
+            self.detect.update_gauges()
+            self.route.update_lag()
+            self.detect.update_lag()
+            self.metrics.ready.set(1 if self.ready() else 0)
+            await asyncio.sleep(5.0)
 
-    # --- rebalances --------------------------------------------------------------------------------
+    # --- registry and ranges reload ----------------------------------------------------------------
 
-    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.metrics.rebalances.labels("revoked").inc()
-        async with self._lock:
-            await self._flush(flush_all=True)
-        await self._commit(revoked & self._assigned)
-        self._assigned -= revoked
-        for tp in revoked:
-            self._processed.pop(tp, None)
-            self._committed.pop(tp, None)
-        self.metrics.assigned_partitions.set(len(self._assigned))
-        self.metrics.ready.set(1 if self.ready() else 0)
-        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
-
-    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.metrics.rebalances.labels("assigned").inc()
-        self._assigned |= assigned
-        self.metrics.assigned_partitions.set(len(self._assigned))
-        self.metrics.ready.set(1 if self.ready() else 0)
-        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
-
-    # --- gauges ------------------------------------------------------------------------------------
-
-    def _update_gauges(self) -> None:
-        m = self.metrics
-        m.sessions.set(len(self.state.sessions))
-        m.findings_open.set(len(self.state.groups))
-        m.ready.set(1 if self.ready() else 0)
-        if self.consumer is None:
-            return
-        for tp in self._assigned:
-            high = self.consumer.highwater(tp)
-            if high is None:
-                continue
-            position = self._processed.get(tp, self._committed.get(tp, 0))
-            m.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
-
-    # --- registry reload ---------------------------------------------------------------------------
-
-    def _stamp(self) -> tuple[int, int] | None:
-        path = self.settings.registry
+    @staticmethod
+    def _stamp(path: Any) -> tuple[int, int] | None:
         if path is None:
             return None
         try:
@@ -492,7 +804,7 @@ class DetectorService:
         if path is None:
             return False
         try:
-            registry: Registry = await asyncio.to_thread(load_registry, path)
+            registry = await asyncio.to_thread(load_registry, path)
         except RegistryError as exc:
             self.metrics.registry_reloads.labels("failure").inc()
             log.error("registry_reload_failed", reason=reason, error=str(exc))
@@ -503,16 +815,30 @@ class DetectorService:
         log.info("registry_reloaded", reason=reason, **registry.summary())
         return True
 
-    async def _watch_registry(self) -> None:
+    async def reload_ip_ranges(self, reason: str) -> bool:
+        try:
+            ranges, info = await asyncio.to_thread(ipranges.load, self.settings.ip_ranges)
+        except ipranges.IpRangesError as exc:
+            log.error("ip_ranges_reload_failed", reason=reason, error=str(exc))
+            return False
+        self.engine.aws_ranges, self.ranges_info = ranges, info
+        log.info("ip_ranges_reloaded", reason=reason, createDate=info["createDate"], prefixes=info["prefixes"])
+        return True
+
+    async def _watch_files(self) -> None:
         interval = self.settings.registry_reload_seconds
-        if self.settings.registry is None or interval <= 0:
+        if interval <= 0:
             return
         while not self.stopping.is_set():
             await asyncio.sleep(interval)
-            stamp = self._stamp()
-            if stamp is not None and stamp != self._registry_stamp:
-                self._registry_stamp = stamp
-                await self.reload_registry("file_changed")
+            for name, path, reload in (
+                ("registry", self.settings.registry, self.reload_registry),
+                ("ip_ranges", self.settings.ip_ranges, self.reload_ip_ranges),
+            ):
+                stamp = self._stamp(path)
+                if stamp is not None and stamp != self._stamps[name]:
+                    self._stamps[name] = stamp
+                    await reload("file_changed")
 
 
 def install_signal_handlers(service: DetectorService, loop: asyncio.AbstractEventLoop) -> None:

@@ -100,6 +100,16 @@ class Metrics:
         self.repartitioned = Counter(
             "detector_repartitioned_total", "Instance-session records routed to the internal topic.", registry=r
         )
+        self.detected = Counter(
+            "detector_detect_records_total",
+            "Records of the internal topic applied by the detection stage (compare with repartitioned).",
+            registry=r,
+        )
+        self.records_dropped = Counter(
+            "detector_records_dropped_total",
+            "CloudTrail records dropped early: not made with, nor issuing, instance credentials.",
+            registry=r,
+        )
         self.registry_syncs = Counter(
             "detector_registry_syncs_total", "In-process registry syncs from AWS, by result.", ["result"], registry=r
         )

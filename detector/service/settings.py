@@ -210,6 +210,23 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(3, ge=1, description="Partitions of topics created by the detector.")
     topic_replication_factor: int = Field(1, ge=1, description="Replication factor of topics created by the detector.")
 
+    # --- Stream processing state (internal topics) ---------------------------------------------------
+    sessions_topic: str | None = Field(
+        None,
+        description="Internal repartition topic: instance-session records keyed by session ARN, so one session "
+        "always lives in one partition of one instance.",
+        json_schema_extra={"doc_default": "`<group_id>.sessions`"},
+    )
+    changelog_topic: str | None = Field(
+        None,
+        description="Internal compacted changelog of the session index and finding groups; same partition count "
+        "as `sessions_topic`. Restored on partition assignment.",
+        json_schema_extra={"doc_default": "`<group_id>.changelog`"},
+    )
+    state_partitions: int = Field(
+        6, ge=1, description="Partitions of the internal topics when the detector creates them (the unit of scale-out)."
+    )
+
     # --- Process ------------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
     log_format: Literal["auto", "json", "console"] = Field(
@@ -289,6 +306,11 @@ class Settings(BaseSettings):
     @classmethod
     def _output_topic(cls, value: str, info: ValidationInfo) -> str:
         return _check_topic(info.field_name, value.strip())
+
+    @field_validator("sessions_topic", "changelog_topic")
+    @classmethod
+    def _internal_topic(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None or not value.strip() else _check_topic(info.field_name, value.strip())
 
     @field_validator("group_id", "client_id", "http_host")
     @classmethod
@@ -385,11 +407,18 @@ class Settings(BaseSettings):
                 f"enable_idempotence requires producer_acks all, not {self.producer_acks}",
                 "enable_idempotence", "producer_acks",
             )
-        if self.findings_topic == self.dlq_topic:
-            raise _conflict("findings_topic and dlq_topic must differ", "findings_topic", "dlq_topic")
+        outputs = {
+            "findings_topic": self.findings_topic,
+            "dlq_topic": self.dlq_topic,
+            "sessions_topic": self.sessions_topic_name,
+            "changelog_topic": self.changelog_topic_name,
+        }
+        if len(set(outputs.values())) != len(outputs):
+            raise _conflict(
+                "findings_topic, dlq_topic, sessions_topic and changelog_topic must all differ", *outputs
+            )
         kind, topics = self.input_subscription
-        for output in ("findings_topic", "dlq_topic"):
-            name = getattr(self, output)
+        for output, name in outputs.items():
             consumed = re.match(topics, name) if kind == "pattern" else name in topics
             if consumed:
                 raise _conflict(
@@ -405,6 +434,19 @@ class Settings(BaseSettings):
         if self.input_topics.startswith("^"):
             return ("pattern", self.input_topics)
         return ("topics", self.input_topics.split(","))
+
+    @property
+    def sessions_topic_name(self) -> str:
+        return self.sessions_topic or f"{self.group_id}.sessions"
+
+    @property
+    def changelog_topic_name(self) -> str:
+        return self.changelog_topic or f"{self.group_id}.changelog"
+
+    @property
+    def detect_group_id(self) -> str:
+        """Consumer group of the detection stage (reads ``sessions_topic``)."""
+        return f"{self.group_id}.detect"
 
     @property
     def bootstrap_servers(self) -> list[str]:
