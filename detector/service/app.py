@@ -38,6 +38,7 @@ from .. import ipranges
 from ..core import changelog
 from ..core.engine import Engine, MalformedRecord, check_decidable, issuance_parts, session_parts
 from ..core.findings import render
+from ..core.ordering import event_time_key, merge_runs
 from ..core.records import BAD_RECORD, INVALID_JSON, decode, is_cloudtrail_record
 from ..core.state import DetectorState, EngineConfig, FindingGroup
 from ..registry import RegistryError, load_registry
@@ -271,48 +272,55 @@ class RouteStage(Stage):
             consumer.subscribe(topics=value, listener=listener)
 
     def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Route one batch, its partitions merged by eventTime (see :mod:`detector.core.ordering`)."""
         m = self.service.metrics
         sessions_topic = self.service.settings.sessions_topic_name
         outbox = self.outbox
         dumps = orjson.dumps
         read = routed = 0
+        runs = []
         for tp, messages in batch.items():
             m.events.labels(tp.topic).inc(len(messages))
+            run = []
             for msg in messages:
-                if msg.value is None:
-                    m.malformed.labels(EMPTY_VALUE).inc()
-                    self.dead_letter(msg, EMPTY_VALUE, "message has no value", list(msg.headers or ()) + source_headers(msg))
-                    continue
-                decoded = decode(msg.value)
-                headers: list[tuple[str, bytes]] | None = None
-                problem: MalformedRecord | None = None
-                for record in decoded.records:
-                    read += 1
-                    try:
-                        key = route_key(record)
-                    except MalformedRecord as exc:
-                        m.malformed.labels(exc.reason).inc()
-                        problem = problem or exc
-                        continue
-                    if key is None:
-                        continue
-                    if headers is None:
-                        headers = source_headers(msg)
-                    outbox.append((sessions_topic, dumps(record), key.encode(), headers, None))
-                    routed += 1
-                if decoded.malformed:
-                    for reason in decoded.malformed:
-                        m.malformed.labels(reason).inc()
-                    kinds = ", ".join(sorted(set(decoded.malformed)))
-                    self.dead_letter(
-                        msg,
-                        decoded.malformed[0],
-                        f"{len(decoded.malformed)} malformed element(s): {kinds}",
-                        list(msg.headers or ()) + source_headers(msg),
-                    )
-                elif problem is not None:
-                    self.dead_letter(msg, problem.reason, str(problem), list(msg.headers or ()) + source_headers(msg))
+                decoded = decode(msg.value) if msg.value is not None else None
+                first = decoded.records[0] if decoded is not None and decoded.records else None
+                run.append((event_time_key(first), (msg, decoded)))
+            runs.append(run)
             self.processed[tp] = messages[-1].offset + 1
+        for msg, decoded in merge_runs(runs):
+            if decoded is None:
+                m.malformed.labels(EMPTY_VALUE).inc()
+                self.dead_letter(msg, EMPTY_VALUE, "message has no value", list(msg.headers or ()) + source_headers(msg))
+                continue
+            headers: list[tuple[str, bytes]] | None = None
+            problem: MalformedRecord | None = None
+            for record in decoded.records:
+                read += 1
+                try:
+                    key = route_key(record)
+                except MalformedRecord as exc:
+                    m.malformed.labels(exc.reason).inc()
+                    problem = problem or exc
+                    continue
+                if key is None:
+                    continue
+                if headers is None:
+                    headers = source_headers(msg)
+                outbox.append((sessions_topic, dumps(record), key.encode(), headers, None))
+                routed += 1
+            if decoded.malformed:
+                for reason in decoded.malformed:
+                    m.malformed.labels(reason).inc()
+                kinds = ", ".join(sorted(set(decoded.malformed)))
+                self.dead_letter(
+                    msg,
+                    decoded.malformed[0],
+                    f"{len(decoded.malformed)} malformed element(s): {kinds}",
+                    list(msg.headers or ()) + source_headers(msg),
+                )
+            elif problem is not None:
+                self.dead_letter(msg, problem.reason, str(problem), list(msg.headers or ()) + source_headers(msg))
         self.records_read += read
         self.records_routed += routed
         m.repartitioned.inc(routed)
@@ -359,11 +367,7 @@ class DetectStage(Stage):
             if state is None:  # not restored (paused partitions yield nothing; this is a safety net)
                 continue
             expired, evicted = state.expired, state.evicted
-            for msg in messages:
-                try:
-                    record = orjson.loads(msg.value) if msg.value is not None else None
-                except orjson.JSONDecodeError:
-                    record = None
+            for msg, record in self._in_event_time_order(messages):
                 if not is_cloudtrail_record(record):
                     reason = INVALID_JSON if record is None else BAD_RECORD
                     m.malformed.labels(reason).inc()
@@ -391,6 +395,28 @@ class DetectStage(Stage):
             self.records_applied += len(messages)
             m.detected.inc(len(messages))
         m.instance_events.inc(counters.instance_records - instance_before)
+
+    @staticmethod
+    def _in_event_time_order(messages: list[Any]) -> list[tuple[Any, Any]]:
+        """Parsed records of one partition, runs from different input partitions merged by eventTime.
+
+        Several route instances interleave their writes into a partition by wall-clock timing; the
+        merge gives every instance count the order a single route instance gives.
+        """
+        runs: dict[tuple[bytes, bytes], list[tuple[str, tuple[Any, Any]]]] = {}
+        for msg in messages:
+            try:
+                record = orjson.loads(msg.value) if msg.value is not None else None
+            except orjson.JSONDecodeError:
+                record = None
+            source = (b"", b"")
+            for name, value in msg.headers or ():
+                if name == SOURCE_TOPIC:
+                    source = (value, source[1])
+                elif name == SOURCE_PARTITION:
+                    source = (source[0], value)
+            runs.setdefault(source, []).append((event_time_key(record), (msg, record)))
+        return merge_runs(runs.values())
 
     async def flush(self, flush_all: bool = False) -> None:
         """Changelog, dead letters and due finding states, all acknowledged before any commit."""

@@ -38,7 +38,9 @@ class FindingPublisher:
         if entry is None:
             self.pending[gid] = (group, {partition: offset})
         else:
-            entry[1].setdefault(partition, offset)  # offsets rise within a partition: keep the first
+            pinned = entry[1].get(partition)
+            if pinned is None or offset < pinned:
+                entry[1][partition] = offset  # the lowest contributing offset pins the commit
 
     def take_due(self, now: float, flush_all: bool = False) -> list[FindingGroup]:
         """Groups to publish now: this batch's, held-back ones whose interval has passed, or all."""
