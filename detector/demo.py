@@ -78,8 +78,8 @@ async def produce_values(bootstrap: str, topic: str, values: list[bytes]) -> Non
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=8 * 1024 * 1024)
-    await producer.start()
     try:
+        await producer.start()
         futures = [await producer.send(topic, value) for value in values]
         for fut in futures:
             await fut

@@ -338,3 +338,24 @@ def test_sigterm_publishes_pending_commits_and_exits_zero(broker: EmbeddedBroker
     assert sorted(finding_key(f) for f in latest.values()) == EXPECTED  # held-back updates went out
     committed = asyncio.run(committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 3))
     assert committed == asyncio.run(end_offsets(broker.bootstrap, s.input_topics, 3))
+
+
+async def test_oversized_malformed_message_is_dead_lettered_truncated_and_stream_goes_on(broker: EmbeddedBroker) -> None:
+    prefix = unique("big")
+    s = settings_for(broker.bootstrap, prefix, max_message_bytes=64 * 1024)
+    await create_topics(broker.bootstrap, {s.input_topics: 1})
+    huge = b"{" + b"x" * (300 * 1024)  # malformed, larger than the producer may send
+    values = [huge] + world_messages(WORLD)[:30]
+    librdkafka_produce(broker.bootstrap, s.input_topics, values)
+    service, task = await start(s)
+    await wait_until(lambda: service.route.committed, timeout=30)
+    await wait_until(
+        lambda: next(iter(service.route.committed.values())) == len(values), timeout=30
+    )  # not wedged on the message it cannot deliver
+    assert await stop(service, task) == 0
+    dead = await read_topic(broker.bootstrap, s.dlq_topic)
+    assert len(dead) == 1
+    headers = dict(dead[0].headers)
+    assert headers["detector.truncated"] == str(len(huge)).encode()
+    assert headers["detector.source.offset"] == b"0"
+    assert huge.startswith(dead[0].value) and 0 < len(dead[0].value) <= 32 * 1024

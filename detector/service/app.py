@@ -481,44 +481,18 @@ class DetectStage(Stage):
         service = self.service
         started = time.monotonic()
         partition = tp.partition
-        restored = skipped = 0
-        reader: AIOKafkaConsumer | None = None
         try:
             assert self.consumer is not None
             committed = await self.consumer.committed(tp) or 0
-            reader = AIOKafkaConsumer(
-                **kafka_common_kwargs(service.settings), group_id=None, enable_auto_commit=False,
-                auto_offset_reset="earliest",
-            )
-            await reader.start()
-            source = TopicPartition(service.settings.changelog_topic_name, partition)
-            reader.assign([source])
-            end = (await reader.end_offsets([source]))[source]  # high watermark at assignment
-            await reader.seek_to_beginning(source)
             state = self.new_state()
-            idle = 0
-            while await reader.position(source) < end:
-                batch = await reader.getmany(source, timeout_ms=1000, max_records=20_000)
-                idle = 0 if batch else idle + 1
-                if idle >= 30:
-                    log.warning("restore_stalled", partition=_label(tp), position=await reader.position(source), end=end)
-                    break
-                for msg in batch.get(source, ()):
-                    offset = changelog.source_offset(msg.headers)
-                    if offset is not None and offset >= committed:
-                        skipped += 1  # made by input that was never committed: it will be consumed again
-                        continue
-                    changelog.apply_record(state, msg.key, msg.value)
-                    restored += 1
-                service.metrics.restored_records.inc(sum(len(v) for v in batch.values()))
-            state.drain_changes()
+            restored, skipped = await restore_partition(
+                service.settings, partition, committed, state, on_batch=service.metrics.restored_records.inc
+            )
             self.states[partition] = state
         except asyncio.CancelledError:
             log.info("restore_cancelled", partition=_label(tp))
             raise
         finally:
-            if reader is not None:
-                await reader.stop()
             if self.restoring.get(partition) is asyncio.current_task():
                 del self.restoring[partition]
             service.metrics.restoring_partitions.set(len(self.restoring))
@@ -530,8 +504,8 @@ class DetectStage(Stage):
         log.info(
             "state_restored",
             partition=_label(tp),
-            sessions=len(self.states[partition].sessions),
-            findings=len(self.states[partition].groups),
+            sessions=len(state.sessions),
+            findings=len(state.groups),
             changelog_records=restored,
             skipped_uncommitted=skipped,
             committed_offset=committed,
@@ -542,6 +516,52 @@ class DetectStage(Stage):
         m = self.service.metrics
         m.sessions.set(sum(len(s.sessions) for s in self.states.values()))
         m.findings_open.set(sum(len(s.groups) for s in self.states.values()))
+
+
+async def restore_partition(
+    settings: Settings,
+    partition: int,
+    committed: int,
+    state: DetectorState,
+    on_batch: Callable[[int], Any] | None = None,
+) -> tuple[int, int]:
+    """Replay changelog partition ``partition`` into ``state`` up to its high watermark at the call.
+
+    Changes tagged with a source offset at or past ``committed`` were made by input that was never
+    committed; they are skipped, since that input is consumed again and remakes them. Returns
+    ``(records applied, records skipped)``.
+    """
+    restored = skipped = 0
+    reader = AIOKafkaConsumer(
+        **kafka_common_kwargs(settings), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+    )
+    await reader.start()
+    try:
+        source = TopicPartition(settings.changelog_topic_name, partition)
+        reader.assign([source])
+        end = (await reader.end_offsets([source]))[source]
+        await reader.seek_to_beginning(source)
+        idle = 0
+        while await reader.position(source) < end:
+            batch = await reader.getmany(source, timeout_ms=1000, max_records=20_000)
+            idle = 0 if batch else idle + 1
+            if idle >= 30:
+                log.warning("restore_stalled", partition=_label(source), position=await reader.position(source), end=end)
+                break
+            messages = batch.get(source, ())
+            for msg in messages:
+                offset = changelog.source_offset(msg.headers)
+                if offset is not None and offset >= committed:
+                    skipped += 1
+                    continue
+                changelog.apply_record(state, msg.key, msg.value)
+                restored += 1
+            if on_batch is not None:
+                on_batch(len(messages))
+    finally:
+        await reader.stop()
+    state.drain_changes()
+    return restored, skipped
 
 
 class DetectorService:
@@ -700,7 +720,10 @@ class DetectorService:
                     s.findings_topic, s.topic_partitions, s.topic_replication_factor,
                     topic_configs={"cleanup.policy": "compact"},
                 ),
-                s.dlq_topic: NewTopic(s.dlq_topic, s.topic_partitions, s.topic_replication_factor),
+                s.dlq_topic: NewTopic(
+                    s.dlq_topic, s.topic_partitions, s.topic_replication_factor,
+                    topic_configs={"max.message.bytes": str(s.max_message_bytes)},
+                ),
                 s.sessions_topic_name: NewTopic(s.sessions_topic_name, s.state_partitions, s.topic_replication_factor),
                 s.changelog_topic_name: NewTopic(
                     s.changelog_topic_name, s.state_partitions, s.topic_replication_factor,
@@ -743,16 +766,20 @@ class DetectorService:
             self.producer = None
 
     async def _shutdown(self) -> None:
-        """Publish pending updates, commit, leave the groups. The listener is not called on stop()."""
-        grace = self.settings.grace_seconds
+        """Publish pending updates, commit, leave the groups — all within one grace period.
+
+        aiokafka's ``stop()`` never calls the rebalance listener, so this does the listener's work.
+        """
+        deadline = time.monotonic() + self.settings.grace_seconds
         if self._connected:
             for task in list(self.detect.restoring.values()):
                 task.cancel()
-            for stage in (self.route, self.detect):
+            # detect first: its held-back finding updates are the output that matters most
+            for stage in (self.detect, self.route):
                 try:
                     async with stage.lock:
-                        await asyncio.wait_for(stage.flush(flush_all=True), timeout=grace)
-                    await asyncio.wait_for(stage.commit(), timeout=grace)
+                        await asyncio.wait_for(stage.flush(flush_all=True), timeout=max(0.1, deadline - time.monotonic()))
+                    await asyncio.wait_for(stage.commit(), timeout=max(0.1, deadline - time.monotonic()))
                 except (asyncio.TimeoutError, KafkaError) as exc:
                     log.error("shutdown_flush_failed", stage=stage.name, error=f"{type(exc).__name__}: {exc}")
         self._connected = False
@@ -795,6 +822,10 @@ class DetectorService:
                     failed.append((item, exc))
             if not failed:
                 return
+            fatal = [(item, exc) for item, exc in failed if not getattr(exc, "retriable", True)]
+            if fatal:
+                failed = [(item, exc) for item, exc in failed if getattr(exc, "retriable", True)]
+                failed += [(self._undeliverable(item, exc), exc) for item, exc in fatal]
             todo = [item for item, _ in failed]
             log.warning("produce_failed", pending=len(todo), error=f"{type(failed[0][1]).__name__}: {failed[0][1]}")
             if self.stopping.is_set():
@@ -803,6 +834,26 @@ class DetectorService:
                     raise KafkaError("could not deliver outputs before the grace period ended")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    def _undeliverable(self, item: Output, exc: BaseException) -> Output:
+        """An output the broker refuses for good (e.g. too large) becomes a dead letter, truncated if need be.
+
+        Never loops forever on a message that can never be delivered, and never drops one silently.
+        """
+        topic, value, key, headers, _ = item
+        if any(name == "detector.undeliverable" for name, _ in headers):
+            raise KafkaError(f"dead letter refused by the broker: {type(exc).__name__}: {exc}")
+        body = value or b""
+        marks = [("detector.undeliverable", f"{type(exc).__name__} producing to {topic}".encode())]
+        limit = self.settings.max_message_bytes // 2
+        if len(body) > limit:
+            marks.append(("detector.truncated", str(len(body)).encode()))
+            body = body[:limit]
+        if topic != self.settings.dlq_topic:
+            marks.append(("detector.error.reason", b"undeliverable"))
+            self.metrics.dead_letters.inc()
+        log.error("output_undeliverable", topic=topic, bytes=len(value or b""), error=f"{type(exc).__name__}: {exc}")
+        return (self.settings.dlq_topic, body, key, headers + marks, None)
 
     async def _gauges(self) -> None:
         while True:

@@ -134,6 +134,7 @@ def producer_kwargs(settings: Settings) -> dict[str, Any]:
         "acks": acks,
         "enable_idempotence": settings.enable_idempotence,
         "linger_ms": PRODUCER_LINGER_MS,
+        "max_request_size": settings.max_message_bytes,
         "compression_type": None,
     }
     if settings.transactional_id is not None:

@@ -114,5 +114,16 @@ class Metrics:
             "detector_registry_syncs_total", "In-process registry syncs from AWS, by result.", ["result"], registry=r
         )
 
+        # Labelled series exist from the start at zero, so increase() sees their first event.
+        for finding_type, severity in (("InsideAWS", "5"), ("InsideAWS", "8"), ("OutsideAWS", "8")):
+            self.findings.labels(finding_type, severity)
+        for result in ("success", "failure"):
+            self.registry_reloads.labels(result)
+            self.registry_syncs.labels(result)
+        for reason in ("ttl", "lru"):
+            self.evictions.labels(reason)
+        for event in ("assigned", "revoked"):
+            self.rebalances.labels(event)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -174,6 +174,12 @@ class Settings(BaseSettings):
         None, description="Transactional producer id (needs `enable_idempotence` and broker support); unset: no transactions."
     )
 
+    max_message_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024,
+        description="Largest message the producer sends (a dead letter keeps the original bytes; a bigger one is "
+        "truncated and marked). The dead-letter topic is created allowing it.",
+    )
+
     # --- Security -----------------------------------------------------------------------------------
     security_protocol: SecurityProtocol = Field("PLAINTEXT", description="Protocol used to talk to the brokers.")
     sasl_mechanism: SaslMechanism | None = Field(
