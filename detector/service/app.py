@@ -654,6 +654,8 @@ class DetectorService:
             asyncio.create_task(self._watch_files(), name="file-watcher"),
             asyncio.create_task(self._gauges(), name="gauges"),
         ]
+        if s.registry_sync_seconds > 0:
+            background.append(asyncio.create_task(self._sync_registry_loop(), name="registry-sync"))
         code = 0
         try:
             if await self._connect():
@@ -901,6 +903,41 @@ class DetectorService:
         self.engine.aws_ranges, self.ranges_info = ranges, info
         log.info("ip_ranges_reloaded", reason=reason, createDate=info["createDate"], prefixes=info["prefixes"])
         return True
+
+    async def sync_registry_once(self) -> bool:
+        """Rebuild the registry from AWS and swap it in; on any failure keep the registry in force."""
+        from ..aws import SyncOptions, sync_registry, write_registry
+        from ..core.registry import registry_from_mapping
+
+        s = self.settings
+        options = SyncOptions(
+            role_name=s.registry_sync_role_name,
+            regions=tuple(r for r in s.registry_sync_regions.split(",") if r.strip()),
+            endpoint_url=s.registry_sync_endpoint_url,
+        )
+        try:
+            overlay = load_registry(s.registry_sync_overlay) if s.registry_sync_overlay is not None else None
+            mapping = await sync_registry(None, options, overlay=overlay, progress=lambda line: log.debug("registry_sync", line=line))
+            registry = registry_from_mapping(mapping, "aws-sync")
+            if s.registry_sync_output is not None:
+                await asyncio.to_thread(write_registry, s.registry_sync_output, mapping)
+        except Exception as exc:  # noqa: BLE001 - SyncError, RegistryError, OSError, botocore's many kinds
+            self.metrics.registry_syncs.labels("failure").inc()
+            log.error("registry_sync_failed", error=f"{type(exc).__name__}: {exc}")
+            return False
+        self.engine.registry = registry
+        self.metrics.registry_syncs.labels("success").inc()
+        self.metrics.registry_accounts.set(len(registry.accounts))
+        log.info("registry_synced", **registry.summary())
+        return True
+
+    async def _sync_registry_loop(self) -> None:
+        while not self.stopping.is_set():
+            await self.sync_registry_once()
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=self.settings.registry_sync_seconds)
+            except asyncio.TimeoutError:
+                pass
 
     async def _watch_files(self) -> None:
         interval = self.settings.registry_reload_seconds

@@ -128,6 +128,28 @@ class Settings(BaseSettings):
         description="How often the registry and ip-ranges files are checked for changes and reloaded; 0 disables.",
     )
 
+    registry_sync_seconds: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="Rebuild the registry from AWS in-process this often (Organizations, GuardDuty members, network "
+        "inventory through `registry_sync_role_name`), hot-swapping it on success; 0 disables. Credentials: the "
+        "standard AWS chain.",
+    )
+    registry_sync_role_name: str = Field(
+        "OrganizationAccountAccessRole", description="Read-only role assumed in each account by the in-process sync."
+    )
+    registry_sync_regions: str = Field(
+        "", description="Comma-separated regions the in-process sync inventories; empty: every enabled region."
+    )
+    registry_sync_overlay: Path | None = Field(
+        None, description="Hand-written registry merged over each sync (names, trusted hubs, expected networks, overrides)."
+    )
+    registry_sync_output: Path | None = Field(
+        None, description="Where each successful sync is also written (atomically), so a restart starts from it."
+    )
+    registry_sync_endpoint_url: str | None = Field(
+        None, description="One endpoint URL for every AWS service the sync calls (a private endpoint or a test double)."
+    )
+
     # --- HTTP endpoints -----------------------------------------------------------------------------
     http_host: str = Field("0.0.0.0", description="Address of the HTTP server (`/metrics`, `/healthz`, `/readyz`).")
     http_port: int = Field(9108, ge=0, le=65535, description="Port of the HTTP server; 0 picks a free port.")
