@@ -288,7 +288,7 @@ def test_sigterm_publishes_pending_commits_and_exits_zero(broker: EmbeddedBroker
     prefix = unique("sigterm")
     s = settings_for(broker.bootstrap, prefix, finding_update_seconds=3600)
     asyncio.run(create_topics(broker.bootstrap, {s.input_topics: 3}))
-    librdkafka_produce(broker.bootstrap, s.input_topics, world_messages(WORLD))
+    librdkafka_produce(broker.bootstrap, s.input_topics, world_messages(WORLD) + [b"not json"])
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -306,7 +306,7 @@ def test_sigterm_publishes_pending_commits_and_exits_zero(broker: EmbeddedBroker
     log = (tmp_path / "stdout").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "detector", "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        total = len(world_messages(WORLD))
+        total = len(world_messages(WORLD)) + 1
 
         async def consumed() -> bool:
             try:
@@ -334,6 +334,11 @@ def test_sigterm_publishes_pending_commits_and_exits_zero(broker: EmbeddedBroker
     lines = [orjson.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert lines and all("event" in line for line in lines), output[:2000]
     assert "sessionToken" not in output and "IQoJb3JpZ2lu" not in output  # no secret ever logged
+    dead = [line for line in lines if line["event"] == "dead_letter"]
+    assert len(dead) == 6  # the sample world's 5 malformed inputs and ours, each with its position bound
+    for line in dead:
+        assert line["topic"] == s.input_topics and line["reason"]
+        assert isinstance(line["partition"], int) and isinstance(line["offset"], int)
     latest = latest_findings(asyncio.run(read_topic(broker.bootstrap, s.findings_topic)))
     assert sorted(finding_key(f) for f in latest.values()) == EXPECTED  # held-back updates went out
     committed = asyncio.run(committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 3))

@@ -44,6 +44,7 @@ from ..core.state import DetectorState, EngineConfig, FindingGroup
 from ..registry import RegistryError, load_registry
 from .http import HttpServer
 from .kafka_config import consumer_kwargs, kafka_common_kwargs, producer_kwargs
+from .logging import record_context
 from .metrics import Metrics
 from .publisher import FindingPublisher
 from .settings import Settings
@@ -252,6 +253,8 @@ class Stage(ABC):
         headers = headers + [("detector.error.reason", reason.encode()), ("detector.error", detail.encode()[:1000])]
         self.outbox.append((s.dlq_topic, msg.value if msg.value is not None else b"", msg.key, headers, None))
         self.service.metrics.dead_letters.inc()
+        with record_context(msg.topic, msg.partition, msg.offset):
+            log.warning("dead_letter", stage=self.name, reason=reason, detail=detail[:200])
 
 
 class RouteStage(Stage):
