@@ -1,9 +1,23 @@
 """Detector state: the session index (SPEC §6) and the open finding groups (SPEC §8).
 
-Plain data with ``__slots__``; no I/O. The index is an ``OrderedDict`` in least-recently-used order, so
-both the idle TTL and the LRU cap evict from the front in O(evicted). Time is *stream time* (the latest
-``eventTime`` seen), so replay and service age entries identically and a backtest over days of logs
-behaves as the live service did.
+No I/O. Time is *stream time* (the latest ``eventTime`` seen), so replay and service age entries
+identically and a backtest over days of logs behaves as the live service did.
+
+The session index is built for a million entries in a few hundred megabytes at most: there is no Python
+object per session. A session key (the role session ARN ``arn:<p>:sts::<account>:assumed-role/<role>/
+<instance>``) is packed into one integer — an interned id of the ``(partition, account, role)`` prefix
+shared by every instance of the role, plus the instance ID's hex digits — and maps to a *slot*. Each
+field of a session lives in a column (``array``/``bytearray``) at that slot: first/last seen, the newest
+access key (20 bytes), ``ec2RoleDelivery`` values (a code), the trust-on-first-use IPv4 address (4
+bytes), the first baseline endpoint and address (interned ids), LRU links. What few sessions carry more
+(older access keys, several endpoints or addresses, an IPv6 first-use address, finding groups) keeps it
+in a small side table. See docs/performance.md for the measured bytes per session.
+
+``DetectorState.sessions`` is a :class:`SessionIndex`: a mapping from session key (the ARN string) to
+:class:`Session`, in least-recently-used order, with the ``OrderedDict`` operations the changelog and
+the service use (``get``, ``[key] = session``, ``move_to_end``, ``pop``, ``popitem``, iteration). A
+``Session`` read from it is a *view* of the slot: reading and writing it reads and writes the index.
+A ``Session`` built directly (``Session(...)``, ``Session.from_data``) is detached until stored.
 
 Every entry and group can be turned into plain JSON-ready data and back (``to_data``/``from_data``):
 the changelog that makes state survive restarts (issue 4) stores exactly that.
@@ -11,7 +25,10 @@ the changelog that makes state survive restarts (issue 4) stores exactly that.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import re
+import socket
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,101 +45,839 @@ class EngineConfig:
     max_findings: int = 100_000
 
 
-class Session:
-    """One instance-credential session, keyed by role session ARN (kept as the dict key)."""
+# --- session keys ----------------------------------------------------------------------------------
+
+SESSION_ARN = re.compile(
+    r"arn:([a-z][a-z0-9-]*):sts::([0-9]{12}):assumed-role/([\w+=,.@-]{1,128})/i-([0-9a-f]{17}|[0-9a-f]{8})"
+)
+_INSTANCE_BITS = 68  # 17 hex digits
+_SHORT_BIT = 1 << _INSTANCE_BITS  # set for an 8-digit instance ID
+_PREFIX_SHIFT = _INSTANCE_BITS + 1
+_INSTANCE_MASK = (1 << _INSTANCE_BITS) - 1
+
+# Interned (partition, account, role) prefixes, shared by every index in the process: a role has many
+# instances, so the strings are stored once. Grows with the number of distinct instance roles seen.
+_PREFIX_IDS: dict[tuple[str, str, str], int] = {}
+_PREFIXES: list[tuple[str, str, str, str]] = []  # (partition, account, role, "arn:...:assumed-role/<role>/")
+
+
+def _prefix_id(partition: str, account: str, role: str) -> int:
+    triple = (partition, account, role)
+    pid = _PREFIX_IDS.get(triple)
+    if pid is None:
+        pid = len(_PREFIXES)
+        _PREFIXES.append((partition, account, role, f"arn:{partition}:sts::{account}:assumed-role/{role}/"))
+        _PREFIX_IDS[triple] = pid
+    return pid
+
+
+def pack_key(partition: str, account: str, role: str, instance_id: str) -> int:
+    """The packed form of ``arn:<partition>:sts::<account>:assumed-role/<role>/<instance_id>``."""
+    digits = instance_id[2:]
+    value = int(digits, 16)
+    if len(digits) == 8:
+        value |= _SHORT_BIT
+    return (_prefix_id(partition, account, role) << _PREFIX_SHIFT) | value
+
+
+def parse_session_key(arn: str) -> tuple[int, str, str, str, str] | None:
+    """``(packed key, partition, account, role, instance_id)`` for a role session ARN of an instance."""
+    m = SESSION_ARN.fullmatch(arn)
+    if m is None:
+        return None
+    partition, account, role, digits = m.groups()
+    value = int(digits, 16) | (_SHORT_BIT if len(digits) == 8 else 0)
+    return (_prefix_id(partition, account, role) << _PREFIX_SHIFT) | value, partition, account, role, "i-" + digits
+
+
+def _instance_id(packed: int) -> str:
+    value = packed & _INSTANCE_MASK
+    return f"i-{value:08x}" if packed & _SHORT_BIT else f"i-{value:017x}"
+
+
+def key_string(packed: int | str) -> str:
+    """The session key (ARN string) of a packed key (an unpackable key is kept as its string)."""
+    if isinstance(packed, str):
+        return packed
+    return _PREFIXES[packed >> _PREFIX_SHIFT][3] + _instance_id(packed)
+
+
+def _key_parts(packed: int) -> tuple[str, str, str, str]:
+    """``(instance_id, account, role, partition)`` of a packed key."""
+    partition, account, role, _ = _PREFIXES[packed >> _PREFIX_SHIFT]
+    return _instance_id(packed), account, role, partition
+
+
+def _pack_any(key: str) -> int | str:
+    parsed = parse_session_key(key) if isinstance(key, str) else None
+    if parsed is None:
+        if not isinstance(key, str):
+            raise TypeError(f"session keys are strings, got {type(key).__name__}")
+        return key
+    return parsed[0]
+
+
+# --- interned baseline values ----------------------------------------------------------------------
+
+_INTERN_LIMIT = 1 << 22  # beyond this many distinct values, new ones go to the side table instead
+
+
+class _Interned:
+    """Values shared by many sessions (VPC endpoint/owner pairs, home-network addresses) as small ids."""
+
+    __slots__ = ("ids", "values")
+
+    def __init__(self) -> None:
+        self.ids: dict[Any, int] = {}
+        self.values: list[Any] = [None]  # id 0 means "none"
+
+    def id(self, value: Any) -> int:
+        i = self.ids.get(value)
+        if i is None:
+            if len(self.values) >= _INTERN_LIMIT:
+                return 0
+            i = len(self.values)
+            self.values.append(value)
+            self.ids[value] = i
+        return i
+
+
+_ENDPOINTS = _Interned()  # (vpce, owner or None)
+_ADDRESSES = _Interned()  # baseline address strings
+
+# --- per-slot columns ------------------------------------------------------------------------------
+
+# Bits of the flags byte.
+F_AK = 0x01  # the newest access key is in the 20-byte access key column
+F_TOFU4 = 0x02  # the trust-on-first-use IPv4 address is set
+F_EXTRA = 0x04  # the slot has an entry in the side table
+_DELIVERY_SHIFT = 3  # bits 3-5: the ec2RoleDelivery values seen, as a code
+_DELIVERY_MASK = 0x38
+_DELIVERY_CODES: dict[tuple[str, ...], int] = {(): 0, ("1.0",): 1, ("2.0",): 2, ("1.0", "2.0"): 3, ("2.0", "1.0"): 4}
+_DELIVERY_TUPLES: dict[int, tuple[str, ...]] = {v: k for k, v in _DELIVERY_CODES.items()}
+_DELIVERY_EXTRA = 7  # other values: the tuple is in the side table
+_AK_LEN = 20
+_ZERO_AK = bytes(_AK_LEN)
+
+# Side-table entry: a list indexed by these.
+X_KEYS = 0  # access keys older than the newest (F_AK set), or all of them (F_AK clear)
+X_DELIVERIES = 1
+X_ENDPOINTS = 2  # dict vpce -> owner, when there are several (else the endpoint column)
+X_ADDRESSES = 3  # tuple, when there are several (else the address column)
+X_TOFU6 = 4
+X_GROUPS = 5
+X_PARTS = 6  # (instance_id, account, role, partition) when not derived from the key
+X_TOFU4 = 7  # a first-use IPv4 address not written canonically (never made by the engine)
+_X_EMPTY = ((), None, None, None, None, (), None, None)
+
+_NONE = -1
+_GROW_MIN = 1024
+
+
+def _ipv4_text(value: int) -> str:
+    return socket.inet_ntoa(value.to_bytes(4, "big"))
+
+
+def _ipv4_value(text: str) -> int | None:
+    """The integer of a dotted-quad IPv4 address written canonically, else None."""
+    try:
+        packed = socket.inet_aton(text)
+    except (OSError, ValueError):
+        return None
+    value = int.from_bytes(packed, "big")
+    return value if _ipv4_text(value) == text else None
+
+
+def _ak_bytes(key: str) -> bytes | None:
+    if len(key) == _AK_LEN and key.isascii():
+        return key.encode("ascii")
+    return None
+
+
+class SessionIndex:
+    """The session index: session key -> :class:`Session`, least recently used first (see module doc)."""
 
     __slots__ = (
-        "instance_id",
-        "account",
-        "role",
-        "partition",
-        "first_seen",
-        "last_seen",
-        "access_keys",
-        "deliveries",
-        "endpoints",
-        "addresses",
-        "tofu_v4",
-        "tofu_v6",
-        "groups",
+        "_slots",
+        "_keys",
+        "_prev",
+        "_next",
+        "_head",
+        "_tail",
+        "_first",
+        "_last",
+        "_ak",
+        "_flags",
+        "_tofu4",
+        "_ep",
+        "_addr",
+        "_extra",
+        "_free",
+        "_cap",
     )
 
-    def __init__(self, instance_id: str, account: str, role: str, partition: str, now: float) -> None:
-        self.instance_id = instance_id
-        self.account = account
-        self.role = role
-        self.partition = partition
-        self.first_seen = now
-        self.last_seen = now
-        self.access_keys: tuple[str, ...] = ()
-        self.deliveries: tuple[str, ...] = ()  # ec2RoleDelivery values seen ("1.0", "2.0")
-        self.endpoints: dict[str, str | None] | None = None  # baseline VPC endpoints -> owner
-        self.addresses: tuple[str, ...] = ()  # baseline addresses owned by home/trusted accounts
-        self.tofu_v4: str | None = None  # first AWS (owner unknown) IPv4 seen: trust on first use
-        self.tofu_v6: str | None = None
-        self.groups: tuple[str, ...] = ()  # ids of finding groups opened for this session
+    def __init__(self) -> None:
+        self._slots: dict[int | str, int] = {}
+        self._keys: list[int | str | None] = []
+        self._prev = array("i")
+        self._next = array("i")
+        self._head = _NONE
+        self._tail = _NONE
+        self._first = array("d")
+        self._last = array("d")
+        self._ak = bytearray()
+        self._flags = bytearray()
+        self._tofu4 = array("I")
+        self._ep = array("I")
+        self._addr = array("I")
+        self._extra: dict[int, list[Any]] = {}
+        self._free: list[int] = []
+        self._cap = 0
 
-    def add_access_key(self, key: str) -> None:
-        keys = self.access_keys
+    # --- slots -----------------------------------------------------------------------------------
+
+    def _grow(self) -> None:
+        old = self._cap
+        add = max(_GROW_MIN, old >> 3)
+        self._keys.extend([None] * add)
+        zeros_i = array("i", bytes(4 * add))
+        self._prev.extend(zeros_i)
+        self._next.extend(zeros_i)
+        zeros_d = array("d", bytes(8 * add))
+        self._first.extend(zeros_d)
+        self._last.extend(zeros_d)
+        self._ak.extend(bytes(_AK_LEN * add))
+        self._flags.extend(bytes(add))
+        zeros_u = array("I", bytes(4 * add))
+        self._tofu4.extend(zeros_u)
+        self._ep.extend(zeros_u)
+        self._addr.extend(zeros_u)
+        self._cap = old + add
+        self._free.extend(range(old + add - 1, old - 1, -1))  # popped from the end: lowest first
+
+    def _new_slot(self, packed: int | str, now: float) -> int:
+        """A fresh slot for ``packed``, linked at the most recently used end."""
+        if not self._free:
+            self._grow()
+        s = self._free.pop()
+        self._keys[s] = packed
+        self._slots[packed] = s
+        self._first[s] = now
+        self._last[s] = now
+        self._flags[s] = 0
+        self._ep[s] = 0
+        self._addr[s] = 0
+        tail = self._tail
+        self._prev[s] = tail
+        self._next[s] = _NONE
+        if tail == _NONE:
+            self._head = s
+        else:
+            self._next[tail] = s
+        self._tail = s
+        return s
+
+    def _unlink(self, s: int) -> None:
+        p = self._prev[s]
+        n = self._next[s]
+        if p == _NONE:
+            self._head = n
+        else:
+            self._next[p] = n
+        if n == _NONE:
+            self._tail = p
+        else:
+            self._prev[n] = p
+
+    def _touch(self, s: int) -> None:
+        """Move slot ``s`` to the most recently used end."""
+        tail = self._tail
+        if s == tail:
+            return
+        p = self._prev[s]
+        n = self._next[s]
+        if p == _NONE:
+            self._head = n
+        else:
+            self._next[p] = n
+        self._prev[n] = p
+        self._prev[s] = tail
+        self._next[s] = _NONE
+        self._next[tail] = s
+        self._tail = s
+
+    def _drop(self, s: int) -> int | str:
+        """Remove slot ``s``; return its packed key."""
+        packed = self._keys[s]
+        assert packed is not None
+        self._unlink(s)
+        del self._slots[packed]
+        self._keys[s] = None
+        if self._flags[s] & F_EXTRA:
+            del self._extra[s]
+        self._flags[s] = 0
+        self._free.append(s)
+        return packed
+
+    def _x(self, s: int) -> list[Any]:
+        """The side-table entry of ``s``, created empty if absent."""
+        if self._flags[s] & F_EXTRA:
+            return self._extra[s]
+        entry = list(_X_EMPTY)
+        self._extra[s] = entry
+        self._flags[s] |= F_EXTRA
+        return entry
+
+    def _xget(self, s: int, field: int) -> Any:
+        if self._flags[s] & F_EXTRA:
+            return self._extra[s][field]
+        return _X_EMPTY[field]
+
+    # --- field access by slot (the engine's hot path uses these) ---------------------------------
+
+    def parts(self, s: int) -> tuple[str, str, str, str]:
+        """``(instance_id, account, role, partition)``."""
+        override = self._xget(s, X_PARTS)
+        if override is not None:
+            return override  # type: ignore[no-any-return]
+        packed = self._keys[s]
+        assert isinstance(packed, int)
+        return _key_parts(packed)
+
+    def access_keys(self, s: int) -> tuple[str, ...]:
+        older = self._xget(s, X_KEYS)
+        if self._flags[s] & F_AK:
+            base = s * _AK_LEN
+            return (*older, self._ak[base : base + _AK_LEN].decode("ascii"))
+        return older  # type: ignore[no-any-return]
+
+    def set_access_keys(self, s: int, keys: tuple[str, ...]) -> None:
+        keys = tuple(keys)
+        raw = _ak_bytes(keys[-1]) if keys else None
+        if raw is not None:
+            base = s * _AK_LEN
+            self._ak[base : base + _AK_LEN] = raw
+            self._flags[s] |= F_AK
+            older = keys[:-1]
+        else:
+            self._flags[s] &= ~F_AK & 0xFF
+            older = keys
+        if older or self._flags[s] & F_EXTRA:
+            self._x(s)[X_KEYS] = older
+
+    def add_access_key(self, s: int, key: str) -> None:
+        flags = self._flags[s]
+        if flags & F_AK and not flags & F_EXTRA:  # the usual case: one key so far
+            raw = _ak_bytes(key)
+            base = s * _AK_LEN
+            if raw is not None and self._ak.startswith(raw, base, base + _AK_LEN):
+                return
+        keys = self.access_keys(s)
         if keys and keys[-1] == key:
             return
         if key in keys:
             keys = tuple(k for k in keys if k != key)
-        self.access_keys = (keys + (key,))[-MAX_ACCESS_KEYS:]
+        self.set_access_keys(s, (keys + (key,))[-MAX_ACCESS_KEYS:])
+
+    def deliveries(self, s: int) -> tuple[str, ...]:
+        code = (self._flags[s] & _DELIVERY_MASK) >> _DELIVERY_SHIFT
+        if code == _DELIVERY_EXTRA:
+            return self._extra[s][X_DELIVERIES]  # type: ignore[no-any-return]
+        return _DELIVERY_TUPLES[code]
+
+    def set_deliveries(self, s: int, values: tuple[str, ...]) -> None:
+        values = tuple(values)
+        code = _DELIVERY_CODES.get(values)
+        if code is None:
+            self._x(s)[X_DELIVERIES] = values
+            code = _DELIVERY_EXTRA
+        elif self._flags[s] & F_EXTRA:
+            self._extra[s][X_DELIVERIES] = None
+        self._flags[s] = (self._flags[s] & ~_DELIVERY_MASK & 0xFF) | (code << _DELIVERY_SHIFT)
+
+    def add_delivery(self, s: int, value: str) -> None:
+        values = self.deliveries(s)
+        if value not in values:
+            self.set_deliveries(s, values + (value,))
+
+    def endpoints(self, s: int) -> dict[str, str | None] | None:
+        several = self._xget(s, X_ENDPOINTS)
+        if several is not None:
+            return dict(several)
+        ep = self._ep[s]
+        if ep:
+            vpce, owner = _ENDPOINTS.values[ep]
+            return {vpce: owner}
+        return None
+
+    def set_endpoints(self, s: int, endpoints: dict[str, str | None] | None) -> None:
+        if self._flags[s] & F_EXTRA:
+            self._extra[s][X_ENDPOINTS] = None
+        self._ep[s] = 0
+        if not endpoints:
+            return
+        if len(endpoints) == 1:
+            ((vpce, owner),) = endpoints.items()
+            ep = _ENDPOINTS.id((vpce, owner))
+            if ep:
+                self._ep[s] = ep
+                return
+        self._x(s)[X_ENDPOINTS] = dict(endpoints)
+
+    def add_endpoint(self, s: int, vpce: str, owner: str | None) -> None:
+        ep = self._ep[s]
+        if ep:
+            known, known_owner = _ENDPOINTS.values[ep]
+            if known == vpce:
+                if known_owner is None and owner is not None:
+                    self.set_endpoints(s, {vpce: owner})
+                return
+        endpoints = self.endpoints(s) or {}
+        if endpoints.get(vpce) is None:
+            endpoints[vpce] = owner
+            self.set_endpoints(s, endpoints)
+
+    def addresses(self, s: int) -> tuple[str, ...]:
+        several = self._xget(s, X_ADDRESSES)
+        if several is not None:
+            return several  # type: ignore[no-any-return]
+        a = self._addr[s]
+        return (_ADDRESSES.values[a],) if a else ()
+
+    def set_addresses(self, s: int, addresses: tuple[str, ...]) -> None:
+        addresses = tuple(addresses)
+        if self._flags[s] & F_EXTRA:
+            self._extra[s][X_ADDRESSES] = None
+        self._addr[s] = 0
+        if not addresses:
+            return
+        if len(addresses) == 1:
+            a = _ADDRESSES.id(addresses[0])
+            if a:
+                self._addr[s] = a
+                return
+        self._x(s)[X_ADDRESSES] = addresses
+
+    def add_address(self, s: int, address: str) -> None:
+        addresses = self.addresses(s)
+        if address not in addresses and len(addresses) < MAX_REMOTE_ADDRESSES:
+            self.set_addresses(s, addresses + (address,))
+
+    def tofu_v4(self, s: int) -> str | None:
+        if self._flags[s] & F_TOFU4:
+            return _ipv4_text(self._tofu4[s])
+        return self._xget(s, X_TOFU4)  # type: ignore[no-any-return]
+
+    def tofu_v4_value(self, s: int) -> int | None:
+        """The first-use IPv4 address as an integer (what the engine compares)."""
+        return self._tofu4[s] if self._flags[s] & F_TOFU4 else None
+
+    def set_tofu_v4(self, s: int, address: str | None) -> None:
+        value = _ipv4_value(address) if address is not None else None
+        if value is not None:
+            self._tofu4[s] = value
+            self._flags[s] |= F_TOFU4
+            if self._flags[s] & F_EXTRA:
+                self._extra[s][X_TOFU4] = None
+            return
+        self._flags[s] &= ~F_TOFU4 & 0xFF
+        if address is not None or self._flags[s] & F_EXTRA:  # not written canonically: kept as text
+            self._x(s)[X_TOFU4] = address
+
+    def tofu_v6(self, s: int) -> str | None:
+        return self._xget(s, X_TOFU6)  # type: ignore[no-any-return]
+
+    def set_tofu_v6(self, s: int, address: str | None) -> None:
+        if address is not None or self._flags[s] & F_EXTRA:
+            self._x(s)[X_TOFU6] = address
+
+    def groups(self, s: int) -> tuple[str, ...]:
+        return self._xget(s, X_GROUPS)  # type: ignore[no-any-return]
+
+    def set_groups(self, s: int, groups: tuple[str, ...]) -> None:
+        groups = tuple(groups)
+        if groups or self._flags[s] & F_EXTRA:
+            self._x(s)[X_GROUPS] = groups
+
+    def set_parts(self, s: int, parts: tuple[str, str, str, str]) -> None:
+        packed = self._keys[s]
+        if isinstance(packed, int) and _key_parts(packed) == parts:
+            if self._flags[s] & F_EXTRA:
+                self._extra[s][X_PARTS] = None
+            return
+        self._x(s)[X_PARTS] = tuple(parts)
+
+    def baseline(self, s: int) -> dict[str, Any]:
+        endpoints = self.endpoints(s) or {}
+        return {
+            "vpcEndpoints": [{"vpcEndpointId": vpce, "ownerAccountId": owner} for vpce, owner in endpoints.items()],
+            "addresses": list(self.addresses(s)),
+            "firstUseIpv4": self.tofu_v4(s),
+            "firstUseIpv6": self.tofu_v6(s),
+        }
+
+    def values_of(self, s: int) -> dict[str, Any]:
+        """The slot as ``Session.to_data`` data."""
+        instance_id, account, role, partition = self.parts(s)
+        return {
+            "instanceId": instance_id,
+            "account": account,
+            "role": role,
+            "partition": partition,
+            "firstSeen": self._first[s],
+            "lastSeen": self._last[s],
+            "accessKeys": list(self.access_keys(s)),
+            "deliveries": list(self.deliveries(s)),
+            "endpoints": self.endpoints(s) or {},
+            "addresses": list(self.addresses(s)),
+            "tofuV4": self.tofu_v4(s),
+            "tofuV6": self.tofu_v6(s),
+            "groups": list(self.groups(s)),
+        }
+
+    def _store(self, s: int, data: dict[str, Any]) -> None:
+        """Write ``to_data``-shaped ``data`` into slot ``s`` (whose key is already set)."""
+        if self._flags[s] & F_EXTRA:
+            del self._extra[s]
+        self._flags[s] = 0
+        self._ep[s] = 0
+        self._addr[s] = 0
+        self.set_parts(s, (data["instanceId"], data["account"], data["role"], data["partition"]))
+        self._first[s] = data["firstSeen"]
+        self._last[s] = data["lastSeen"]
+        self.set_access_keys(s, tuple(data.get("accessKeys", ())))
+        self.set_deliveries(s, tuple(data.get("deliveries", ())))
+        self.set_endpoints(s, dict(data["endpoints"]) if data.get("endpoints") else None)
+        self.set_addresses(s, tuple(data.get("addresses", ())))
+        self.set_tofu_v4(s, data.get("tofuV4"))
+        self.set_tofu_v6(s, data.get("tofuV6"))
+        self.set_groups(s, tuple(data.get("groups", ())))
+
+    # --- the mapping -----------------------------------------------------------------------------
+
+    def slot(self, key: str) -> int | None:
+        packed = _pack_any(key)
+        return self._slots.get(packed)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __bool__(self) -> bool:
+        return bool(self._slots)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.slot(key) is not None
+
+    def _iter_slots(self) -> Iterator[int]:
+        s = self._head
+        nxt = self._next
+        while s != _NONE:
+            following = nxt[s]  # read first: the caller may remove s
+            yield s
+            s = following
+
+    def __iter__(self) -> Iterator[str]:
+        for s in list(self._iter_slots()):
+            packed = self._keys[s]
+            assert packed is not None
+            yield key_string(packed)
+
+    def keys(self) -> list[str]:
+        return list(self)
+
+    def values(self) -> list[Session]:
+        return [Session._view(self, s) for s in list(self._iter_slots())]
+
+    def items(self) -> list[tuple[str, Session]]:
+        out = []
+        for s in list(self._iter_slots()):
+            packed = self._keys[s]
+            assert packed is not None
+            out.append((key_string(packed), Session._view(self, s)))
+        return out
+
+    def __getitem__(self, key: str) -> Session:
+        s = self.slot(key)
+        if s is None:
+            raise KeyError(key)
+        return Session._view(self, s)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        s = self.slot(key)
+        return default if s is None else Session._view(self, s)
+
+    def __setitem__(self, key: str, session: Session) -> None:
+        """Store ``session`` under ``key``: a new key goes to the most recently used end, as in a dict."""
+        data = session.to_data()
+        packed = _pack_any(key)
+        s = self._slots.get(packed)
+        if s is None:
+            s = self._new_slot(packed, data["firstSeen"])
+        self._store(s, data)
+
+    def __delitem__(self, key: str) -> None:
+        s = self.slot(key)
+        if s is None:
+            raise KeyError(key)
+        self._drop(s)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        s = self.slot(key)
+        if s is None:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        session = Session.from_data(self.values_of(s))
+        self._drop(s)
+        return session
+
+    def popitem(self, last: bool = True) -> tuple[str, Session]:
+        s = self._tail if last else self._head
+        if s == _NONE:
+            raise KeyError("popitem(): session index is empty")
+        session = Session.from_data(self.values_of(s))
+        return key_string(self._drop(s)), session
+
+    def move_to_end(self, key: str, last: bool = True) -> None:
+        s = self.slot(key)
+        if s is None:
+            raise KeyError(key)
+        if last:
+            self._touch(s)
+        elif s != self._head:
+            self._unlink(s)
+            head = self._head
+            self._prev[s] = _NONE
+            self._next[s] = head
+            self._prev[head] = s
+            self._head = s
+
+    def clear(self) -> None:
+        for s in list(self._iter_slots()):
+            self._drop(s)
+
+    def __repr__(self) -> str:
+        return f"<SessionIndex of {len(self)} sessions>"
+
+
+_FIELDS = (
+    "instance_id",
+    "account",
+    "role",
+    "partition",
+    "first_seen",
+    "last_seen",
+    "access_keys",
+    "deliveries",
+    "endpoints",
+    "addresses",
+    "tofu_v4",
+    "tofu_v6",
+    "groups",
+)
+
+
+class Session:
+    """One instance-credential session, keyed by role session ARN (the key of the index).
+
+    Attributes: ``instance_id``, ``account``, ``role``, ``partition``, ``first_seen``, ``last_seen``,
+    ``access_keys`` (tuple, oldest first), ``deliveries`` (tuple), ``endpoints`` (dict vpce -> owner, or
+    None; a copy — assign to change it), ``addresses`` (tuple), ``tofu_v4``, ``tofu_v6``, ``groups``
+    (tuple of finding ids). A view of an index slot reads and writes the index; a session evicted from
+    the index since the view was taken raises ``KeyError``.
+    """
+
+    __slots__ = ("_ix", "_slot", "_packed", "_d")
+
+    def __init__(self, instance_id: str, account: str, role: str, partition: str, now: float) -> None:
+        self._ix: SessionIndex | None = None
+        self._slot = _NONE
+        self._packed: int | str | None = None
+        self._d: dict[str, Any] = {
+            "instance_id": instance_id,
+            "account": account,
+            "role": role,
+            "partition": partition,
+            "first_seen": now,
+            "last_seen": now,
+            "access_keys": (),
+            "deliveries": (),
+            "endpoints": None,
+            "addresses": (),
+            "tofu_v4": None,
+            "tofu_v6": None,
+            "groups": (),
+        }
+
+    @classmethod
+    def _view(cls, index: SessionIndex, slot: int) -> Session:
+        view = cls.__new__(cls)
+        view._ix = index
+        view._slot = slot
+        view._packed = index._keys[slot]
+        view._d = {}
+        return view
+
+    def _s(self) -> int:
+        """The live slot of a view (re-resolved if the slot was reused)."""
+        ix = self._ix
+        assert ix is not None
+        if ix._keys[self._slot] is not self._packed and ix._keys[self._slot] != self._packed:
+            s = ix._slots.get(self._packed)  # type: ignore[arg-type]
+            if s is None:
+                raise KeyError(f"session {key_string(self._packed)} is no longer in the index")  # type: ignore[arg-type]
+            self._slot = s
+        return self._slot
+
+    @property
+    def attached(self) -> bool:
+        return self._ix is not None
+
+    # --- fields ----------------------------------------------------------------------------------
+
+    def _get(self, name: str) -> Any:
+        if self._ix is None:
+            return self._d[name]
+        ix, s = self._ix, self._s()
+        if name == "first_seen":
+            return ix._first[s]
+        if name == "last_seen":
+            return ix._last[s]
+        if name in ("instance_id", "account", "role", "partition"):
+            return ix.parts(s)[("instance_id", "account", "role", "partition").index(name)]
+        return getattr(ix, name)(s)
+
+    def _set(self, name: str, value: Any) -> None:
+        if self._ix is None:
+            if name in ("access_keys", "deliveries", "addresses", "groups"):
+                value = tuple(value)
+            self._d[name] = value
+            return
+        ix, s = self._ix, self._s()
+        if name == "first_seen":
+            ix._first[s] = value
+        elif name == "last_seen":
+            ix._last[s] = value
+        elif name in ("instance_id", "account", "role", "partition"):
+            parts = list(ix.parts(s))
+            parts[("instance_id", "account", "role", "partition").index(name)] = value
+            ix.set_parts(s, tuple(parts))  # type: ignore[arg-type]
+        else:
+            getattr(ix, "set_" + name)(s, value)
+
+    instance_id = property(lambda self: self._get("instance_id"), lambda self, v: self._set("instance_id", v))
+    account = property(lambda self: self._get("account"), lambda self, v: self._set("account", v))
+    role = property(lambda self: self._get("role"), lambda self, v: self._set("role", v))
+    partition = property(lambda self: self._get("partition"), lambda self, v: self._set("partition", v))
+    first_seen = property(lambda self: self._get("first_seen"), lambda self, v: self._set("first_seen", v))
+    last_seen = property(lambda self: self._get("last_seen"), lambda self, v: self._set("last_seen", v))
+    access_keys = property(lambda self: self._get("access_keys"), lambda self, v: self._set("access_keys", v))
+    deliveries = property(lambda self: self._get("deliveries"), lambda self, v: self._set("deliveries", v))
+    addresses = property(lambda self: self._get("addresses"), lambda self, v: self._set("addresses", v))
+    tofu_v4 = property(lambda self: self._get("tofu_v4"), lambda self, v: self._set("tofu_v4", v))
+    tofu_v6 = property(lambda self: self._get("tofu_v6"), lambda self, v: self._set("tofu_v6", v))
+    groups = property(lambda self: self._get("groups"), lambda self, v: self._set("groups", v))
+
+    @property
+    def endpoints(self) -> dict[str, str | None] | None:
+        value = self._get("endpoints")
+        return dict(value) if value else None
+
+    @endpoints.setter
+    def endpoints(self, value: dict[str, str | None] | None) -> None:
+        self._set("endpoints", dict(value) if value else None)
+
+    # --- updates ---------------------------------------------------------------------------------
+
+    def add_access_key(self, key: str) -> None:
+        if self._ix is not None:
+            self._ix.add_access_key(self._s(), key)
+            return
+        keys = self._d["access_keys"]
+        if keys and keys[-1] == key:
+            return
+        if key in keys:
+            keys = tuple(k for k in keys if k != key)
+        self._d["access_keys"] = (keys + (key,))[-MAX_ACCESS_KEYS:]
 
     def add_delivery(self, value: str) -> None:
-        if value not in self.deliveries:
-            self.deliveries = self.deliveries + (value,)
+        if self._ix is not None:
+            self._ix.add_delivery(self._s(), value)
+        elif value not in self._d["deliveries"]:
+            self._d["deliveries"] = self._d["deliveries"] + (value,)
 
     def add_endpoint(self, vpce: str, owner: str | None) -> None:
-        if self.endpoints is None:
-            self.endpoints = {}
-        if self.endpoints.get(vpce) is None:
-            self.endpoints[vpce] = owner
+        if self._ix is not None:
+            self._ix.add_endpoint(self._s(), vpce, owner)
+            return
+        endpoints = self._d["endpoints"]
+        if endpoints is None:
+            endpoints = self._d["endpoints"] = {}
+        if endpoints.get(vpce) is None:
+            endpoints[vpce] = owner
 
     def add_address(self, address: str) -> None:
-        if address not in self.addresses and len(self.addresses) < MAX_REMOTE_ADDRESSES:
-            self.addresses = self.addresses + (address,)
+        if self._ix is not None:
+            self._ix.add_address(self._s(), address)
+            return
+        addresses = self._d["addresses"]
+        if address not in addresses and len(addresses) < MAX_REMOTE_ADDRESSES:
+            self._d["addresses"] = addresses + (address,)
 
     def baseline(self) -> dict[str, Any]:
+        if self._ix is not None:
+            return self._ix.baseline(self._s())
         return {
             "vpcEndpoints": [
-                {"vpcEndpointId": vpce, "ownerAccountId": owner} for vpce, owner in (self.endpoints or {}).items()
+                {"vpcEndpointId": vpce, "ownerAccountId": owner} for vpce, owner in (self._d["endpoints"] or {}).items()
             ],
-            "addresses": list(self.addresses),
-            "firstUseIpv4": self.tofu_v4,
-            "firstUseIpv6": self.tofu_v6,
+            "addresses": list(self._d["addresses"]),
+            "firstUseIpv4": self._d["tofu_v4"],
+            "firstUseIpv6": self._d["tofu_v6"],
         }
 
     def to_data(self) -> dict[str, Any]:
+        if self._ix is not None:
+            return self._ix.values_of(self._s())
+        d = self._d
         return {
-            "instanceId": self.instance_id,
-            "account": self.account,
-            "role": self.role,
-            "partition": self.partition,
-            "firstSeen": self.first_seen,
-            "lastSeen": self.last_seen,
-            "accessKeys": list(self.access_keys),
-            "deliveries": list(self.deliveries),
-            "endpoints": self.endpoints or {},
-            "addresses": list(self.addresses),
-            "tofuV4": self.tofu_v4,
-            "tofuV6": self.tofu_v6,
-            "groups": list(self.groups),
+            "instanceId": d["instance_id"],
+            "account": d["account"],
+            "role": d["role"],
+            "partition": d["partition"],
+            "firstSeen": d["first_seen"],
+            "lastSeen": d["last_seen"],
+            "accessKeys": list(d["access_keys"]),
+            "deliveries": list(d["deliveries"]),
+            "endpoints": dict(d["endpoints"] or {}),
+            "addresses": list(d["addresses"]),
+            "tofuV4": d["tofu_v4"],
+            "tofuV6": d["tofu_v6"],
+            "groups": list(d["groups"]),
         }
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Session:
         s = cls(data["instanceId"], data["account"], data["role"], data["partition"], data["firstSeen"])
-        s.last_seen = data["lastSeen"]
-        s.access_keys = tuple(data.get("accessKeys", ()))
-        s.deliveries = tuple(data.get("deliveries", ()))
-        s.endpoints = dict(data["endpoints"]) if data.get("endpoints") else None
-        s.addresses = tuple(data.get("addresses", ()))
-        s.tofu_v4 = data.get("tofuV4")
-        s.tofu_v6 = data.get("tofuV6")
-        s.groups = tuple(data.get("groups", ()))
+        d = s._d
+        d["last_seen"] = data["lastSeen"]
+        d["access_keys"] = tuple(data.get("accessKeys", ()))
+        d["deliveries"] = tuple(data.get("deliveries", ()))
+        d["endpoints"] = dict(data["endpoints"]) if data.get("endpoints") else None
+        d["addresses"] = tuple(data.get("addresses", ()))
+        d["tofu_v4"] = data.get("tofuV4")
+        d["tofu_v6"] = data.get("tofuV6")
+        d["groups"] = tuple(data.get("groups", ()))
         return s
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Session) and self.to_data() == other.to_data()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        where = "view" if self._ix is not None else "detached"
+        return f"<Session {where} {self.to_data()!r}>"
 
 
 class FindingGroup:
@@ -197,7 +952,7 @@ class DetectorState:
 
     def __init__(self, config: EngineConfig | None = None, track_changes: bool = False) -> None:
         self.config = config or EngineConfig()
-        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.sessions = SessionIndex()
         self.groups: dict[str, FindingGroup] = {}
         self.stream_time = 0.0
         self.expired = 0  # sessions dropped by idle TTL
@@ -215,30 +970,44 @@ class DetectorState:
 
     def session(self, key: str, instance_id: str, account: str, role: str, partition: str) -> Session:
         """The live entry for ``key``, created if absent or idle past the TTL; marks it used."""
+        packed = _pack_any(key)
+        s = self.touch(key, packed)
+        ix = self.sessions
+        if isinstance(packed, str) or ix._xget(s, X_PARTS) is not None or _key_parts(packed) != (
+            instance_id,
+            account,
+            role,
+            partition,
+        ):
+            ix.set_parts(s, (instance_id, account, role, partition))
+        return Session._view(ix, s)
+
+    def touch(self, key: str, packed: int | str) -> int:
+        """The slot of the live entry for ``key`` (packed as ``packed``), created if absent or idle past
+        the TTL, moved to the most recently used end, ``last_seen`` set to stream time."""
         now = self.stream_time
-        sessions = self.sessions
-        entry = sessions.get(key)
-        if entry is not None:
-            if now - entry.last_seen > self.config.session_ttl_seconds:
-                del sessions[key]
+        ix = self.sessions
+        s = ix._slots.get(packed)
+        if s is not None:
+            if now - ix._last[s] > self.config.session_ttl_seconds:
+                ix._drop(s)
                 self.expired += 1
-                entry = None
+                s = None
             else:
-                sessions.move_to_end(key)
-        if entry is None:
-            entry = Session(instance_id, account, role, partition, now)
-            sessions[key] = entry
-            if len(sessions) > self.config.max_sessions:
-                old_key, _ = sessions.popitem(last=False)
+                ix._touch(s)
+        if s is None:
+            s = ix._new_slot(packed, now)
+            if len(ix._slots) > self.config.max_sessions:
+                old = ix._drop(ix._head)
                 self.evicted += 1
-                self._note_removed(old_key)
-        entry.last_seen = now
+                self._note_removed(key_string(old))
+        ix._last[s] = now
         if self.track_changes:
             self.changed.add(key)
             self.removed.discard(key)
         if now >= self._next_sweep:
             self.sweep()
-        return entry
+        return s
 
     def _note_removed(self, key: str) -> None:
         if self.track_changes:
@@ -249,14 +1018,16 @@ class DetectorState:
         """Drop sessions idle past the TTL (front of the LRU order) and stale finding groups."""
         now = self.stream_time
         horizon = now - self.config.session_ttl_seconds
-        sessions = self.sessions
-        while sessions:
-            key, entry = next(iter(sessions.items()))
-            if entry.last_seen >= horizon:
+        ix = self.sessions
+        last = ix._last
+        while ix._head != _NONE:
+            s = ix._head
+            if last[s] >= horizon:
                 break
-            del sessions[key]
+            packed = ix._drop(s)
             self.expired += 1
-            self._note_removed(key)
+            if self.track_changes:
+                self._note_removed(key_string(packed))
         group_horizon = now - self.config.finding_ttl_seconds
         stale = [gid for gid, g in self.groups.items() if g.last_ts < group_horizon]
         if len(self.groups) - len(stale) > self.config.max_findings:
