@@ -13,8 +13,18 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .addresses import V4, AddressIndex, format_address, is_global, parse_address
+from .registry import _ALL as _ALL_HOMES
 from .registry import EMPTY_REGISTRY, Registry
-from .state import MAX_EVENT_IDS, MAX_REMOTE_ADDRESSES, DetectorState, FindingGroup, Session
+from .state import (
+    MAX_EVENT_IDS,
+    MAX_REMOTE_ADDRESSES,
+    DetectorState,
+    FindingGroup,
+    Session,
+    SessionIndex,
+    pack_key,
+    parse_session_key,
+)
 
 INSIDE_AWS = "UnauthorizedAccess:IAMUser/InstanceCredentialExfiltration.InsideAWS"
 OUTSIDE_AWS = "UnauthorizedAccess:IAMUser/InstanceCredentialExfiltration.OutsideAWS"
@@ -146,6 +156,19 @@ def issuance_parts(record: dict[str, Any]) -> tuple[str, str, str, str, str, str
     return key, partition, account, role, instance_id, access_key
 
 
+def issuance_key(instance_id: Any, role_arn: Any) -> tuple[str, int, str, str, str, str] | None:
+    """``(session_key, packed_key, partition, account, role, instance_id)`` of the session EC2's
+    ``AssumeRole`` issues credentials for, from its ``roleSessionName`` and ``roleArn``."""
+    if not isinstance(instance_id, str) or not _INSTANCE_ID.fullmatch(instance_id) or not isinstance(role_arn, str):
+        return None
+    m = _ROLE_ARN.fullmatch(role_arn)
+    if m is None:
+        return None
+    partition, account, role = m.group(1), m.group(2), m.group(3)
+    key = f"arn:{partition}:sts::{account}:assumed-role/{role}/{instance_id}"
+    return key, pack_key(partition, account, role, instance_id), partition, account, role, instance_id
+
+
 def finding_id(finding_type: str, session_key: str, remote_account: str | None) -> str:
     material = "\x1f".join((finding_type, session_key, remote_account or ""))
     return hashlib.sha256(material.encode()).hexdigest()[:32]
@@ -160,148 +183,310 @@ class Origin:
     vpce: str | None = None
 
 
+_CACHE_LIMIT = 1 << 16  # entries per memo table; a full table is cleared (bounded memory, no LRU work)
+_NOT_ADDRESS = (0, 0, None, None, None, False, False)
+
+
 class Engine:
-    """Context of the decision (registry, AWS ranges) plus the pure ``apply``."""
+    """Context of the decision (registry, AWS ranges) plus the pure ``apply``.
+
+    ``apply`` memoizes what repeats across records — the parse of a session ARN, of an ``eventTime``
+    string, and the classification of a source address against the registry and AWS's ranges (dropped
+    whenever ``registry`` or ``aws_ranges`` is replaced) — in bounded tables. Results are the same as
+    computing everything afresh for every record.
+    """
 
     def __init__(self, registry: Registry = EMPTY_REGISTRY, aws_ranges: AddressIndex[Any] | None = None) -> None:
         self.registry = registry
         self.aws_ranges: AddressIndex[Any] = aws_ranges if aws_ranges is not None else AddressIndex()
         self.counters = Counters()
+        self._arns: dict[str, tuple[int, str, str, str, str] | None] = {}
+        self._times: dict[str, float] = {}
+        self._sources: dict[str, tuple[int, int, str | None, str | None, Any, bool, bool]] = {}
+        self._sources_for: tuple[Registry, AddressIndex[Any]] | None = None
+
+    # --- memo tables -------------------------------------------------------------------------------
+
+    def _session_arn(self, arn: str) -> tuple[int, str, str, str, str] | None:
+        """``(packed key, partition, account, role, instance_id)`` of an instance session ARN, else None."""
+        arns = self._arns
+        try:
+            return arns[arn]
+        except KeyError:
+            pass
+        if len(arns) >= _CACHE_LIMIT:
+            arns.clear()
+        parsed = arns[arn] = parse_session_key(arn)
+        return parsed
+
+    def _event_time(self, value: Any) -> float:
+        if type(value) is str:
+            ts = self._times.get(value)
+            if ts is not None:
+                return ts
+            ts = parse_event_time(value)
+            if len(self._times) >= _CACHE_LIMIT:
+                self._times.clear()
+            self._times[value] = ts
+            return ts
+        return parse_event_time(value)
+
+    def _source(self, source: str) -> tuple[int, int, str | None, str | None, Any, bool, bool]:
+        """``(family, value, address, registry owner, expected payload, in AWS ranges, global)``;
+        family 0 when ``source`` is not an address."""
+        memo = self._sources
+        context = (self.registry, self.aws_ranges)
+        if self._sources_for is None or self._sources_for[0] is not context[0] or self._sources_for[1] is not context[1]:
+            memo.clear()
+            self._sources_for = context
+        hit = memo.get(source)
+        if hit is not None:
+            return hit
+        parsed = parse_address(source)
+        if parsed is None:
+            entry = _NOT_ADDRESS
+        else:
+            family, value = parsed
+            registry = self.registry
+            entry = (
+                family,
+                value,
+                format_address(family, value),
+                registry.owners.lookup(family, value),
+                registry.expected.lookup(family, value),
+                self.aws_ranges.lookup(family, value) is not None,
+                is_global(family, value),
+            )
+        if len(memo) >= _CACHE_LIMIT:
+            memo.clear()
+        memo[source] = entry
+        return entry
 
     # --- SPEC §4 -----------------------------------------------------------------------------------
 
-    def origin(self, record: dict[str, Any], identity: dict[str, Any], home: str) -> Origin:
-        source = record.get("sourceIPAddress")
-        if is_service_call(identity, source):
-            return Origin(ORIGIN_SERVICE)
-        parsed = parse_address(source) if isinstance(source, str) else None
-        address = format_address(*parsed) if parsed is not None else None
-        family = parsed[0] if parsed is not None else 0
-        vpce = record.get("vpcEndpointId")
+    def _origin(
+        self, source: Any, invoked_by: Any, vpce: Any, vpce_account: Any, home: str
+    ) -> tuple[str, str | None, str | None, int, int, str | None]:
+        """``(kind, owner, address, family, value, vpce)`` of a call (SPEC §4)."""
+        is_str = isinstance(source, str)
+        if invoked_by or (is_str and (source.endswith(".amazonaws.com") or source.startswith("AWS Internal"))):
+            return ORIGIN_SERVICE, None, None, 0, 0, None
+        family, value, address, owner, expected, in_aws, is_glob = self._source(source) if is_str else _NOT_ADDRESS
         if isinstance(vpce, str) and vpce.startswith("vpce-"):
-            owner = record.get("vpcEndpointAccountId")
-            if not (isinstance(owner, str) and _ACCOUNT.fullmatch(owner)):
-                owner = self.registry.endpoint_owner.get(vpce)
-            return Origin(ORIGIN_ENDPOINT, owner, address, family, vpce)
-        if parsed is None:
+            if not (isinstance(vpce_account, str) and _ACCOUNT.fullmatch(vpce_account)):
+                vpce_account = self.registry.endpoint_owner.get(vpce)
+            return ORIGIN_ENDPOINT, vpce_account, address, family, value, vpce
+        if not family:
             raise MalformedRecord("bad_field", f"sourceIPAddress {str(source)[:60]!r} is neither an address nor a service")
-        value = parsed[1]
-        owner = self.registry.owners.lookup(family, value)
         if owner is not None:
-            return Origin(ORIGIN_REGISTRY, owner, address, family)
-        if self.registry.is_expected(family, value, home):
-            return Origin(ORIGIN_EXPECTED, None, address, family)
-        if self.aws_ranges.lookup(family, value) is not None:
-            return Origin(ORIGIN_AWS, None, address, family)
-        if not is_global(family, value):
-            return Origin(ORIGIN_PRIVATE, None, address, family)
-        return Origin(ORIGIN_OUTSIDE, None, address, family)
+            return ORIGIN_REGISTRY, owner, address, family, value, None
+        if expected is not None and (home in expected or _ALL_HOMES in expected):
+            return ORIGIN_EXPECTED, None, address, family, value, None
+        if in_aws:
+            return ORIGIN_AWS, None, address, family, value, None
+        if not is_glob:
+            return ORIGIN_PRIVATE, None, address, family, value, None
+        return ORIGIN_OUTSIDE, None, address, family, value, None
+
+    def origin(self, record: dict[str, Any], identity: dict[str, Any], home: str) -> Origin:
+        kind, owner, address, family, _, vpce = self._origin(
+            record.get("sourceIPAddress"),
+            identity.get("invokedBy"),
+            record.get("vpcEndpointId"),
+            record.get("vpcEndpointAccountId"),
+            home,
+        )
+        return Origin(kind, owner, address, family, vpce)
 
     # --- SPEC §3, §5 -------------------------------------------------------------------------------
 
-    def apply(self, state: DetectorState, record: dict[str, Any]) -> list[FindingChange]:
+    def apply(self, state: DetectorState, record: Any) -> list[FindingChange]:
         """Apply one CloudTrail record to ``state``; return the finding groups it opened or changed.
 
-        Raises :class:`MalformedRecord` for an instance-credential record that cannot be decided.
+        ``record`` is a parsed CloudTrail record (a dict), or a record decoded by
+        :mod:`detector.core.records`' fast path. Raises :class:`MalformedRecord` for an
+        instance-credential record that cannot be decided.
         """
+        if not isinstance(record, dict):
+            return self.apply_fast(state, record)
         self.counters.records += 1
-        parts = session_parts(record)
-        if parts is None:
+        identity = record.get("userIdentity")
+        if not isinstance(identity, dict):
+            return []
+        if identity.get("type") == "AssumedRole":
+            arn = identity.get("arn")
+            parsed = self._session_arn(arn) if isinstance(arn, str) else None
+            if parsed is not None:
+                context = identity.get("sessionContext")
+                delivery = context.get("ec2RoleDelivery") if isinstance(context, dict) else None
+                return self._session_record(
+                    state, arn, parsed, record, identity,
+                    record.get("eventTime"), record.get("sourceIPAddress"), identity.get("invokedBy"),
+                    record.get("vpcEndpointId"), record.get("vpcEndpointAccountId"),
+                    identity.get("accessKeyId"), delivery,
+                )  # fmt: skip
+        if record.get("eventName") == "AssumeRole" and identity.get("invokedBy") == "ec2.amazonaws.com":
             issued = issuance_parts(record)
             if issued is not None:
-                self._enrich(state, record, issued)
-            return []
-        key, partition, home, role, instance_id = parts
-        identity = record["userIdentity"]
-        event_ts = parse_event_time(record.get("eventTime"))
-        origin = self.origin(record, identity, home)
-        self.counters.instance_records += 1
-        by_origin = self.counters.origin
-        by_origin[origin.kind] = by_origin.get(origin.kind, 0) + 1
+                key, partition, account, role, instance_id, access_key = issued
+                self._enrich(state, record.get("eventTime"), key, pack_key(partition, account, role, instance_id), access_key)
+        return []
 
-        state.advance(event_ts)
-        session = state.session(key, instance_id, home, role, partition)
-        access_key = identity.get("accessKeyId")
+    def apply_fast(self, state: DetectorState, record: Any) -> list[FindingChange]:
+        """:meth:`apply` for a record of the fast decoder (``records.FastRecord``): attributes, not keys."""
+        self.counters.records += 1
+        identity = record.userIdentity
+        if identity.type == "AssumedRole":
+            arn = identity.arn
+            parsed = self._session_arn(arn) if type(arn) is str else None
+            if parsed is not None:
+                context = identity.sessionContext
+                return self._session_record(
+                    state, arn, parsed, record, identity,
+                    record.eventTime, record.sourceIPAddress, identity.invokedBy,
+                    record.vpcEndpointId, record.vpcEndpointAccountId,
+                    identity.accessKeyId, context.ec2RoleDelivery if context is not None else None,
+                )  # fmt: skip
+        if record.eventName == "AssumeRole" and identity.invokedBy == "ec2.amazonaws.com":
+            params = record.requestParameters
+            if params is not None:
+                issued = issuance_key(params.roleSessionName, params.roleArn)
+                if issued is not None:
+                    access_key = None
+                    response = record.responseElements
+                    if response is not None and response.credentials is not None:
+                        access_key = response.credentials.accessKeyId
+                        if not isinstance(access_key, str):
+                            access_key = None
+                    self._enrich(state, record.eventTime, issued[0], issued[1], access_key)
+        return []
+
+    def _session_record(
+        self,
+        state: DetectorState,
+        key: str,
+        parsed: tuple[int, str, str, str, str],
+        record: Any,
+        identity: Any,
+        event_time: Any,
+        source: Any,
+        invoked_by: Any,
+        vpce: Any,
+        vpce_account: Any,
+        access_key: Any,
+        delivery: Any,
+    ) -> list[FindingChange]:
+        """One record made with instance credentials (SPEC §3): ``record``/``identity`` answer ``.get``."""
+        packed, _, home, _, _ = parsed
+        event_ts = self._event_time(event_time)
+        origin = self._origin(source, invoked_by, vpce, vpce_account, home)
+        counters = self.counters
+        counters.instance_records += 1
+        kind = origin[0]
+        by_origin = counters.origin
+        by_origin[kind] = by_origin.get(kind, 0) + 1  # type: ignore[index,union-attr]
+
+        if event_ts > state.stream_time:
+            state.stream_time = event_ts
+        s = state.touch(key, packed)
+        ix = state.sessions
         if isinstance(access_key, str):
-            session.add_access_key(access_key)
-        delivery = None
-        context = identity.get("sessionContext")
-        if isinstance(context, dict):
-            delivery = context.get("ec2RoleDelivery")
-            if isinstance(delivery, str):
-                session.add_delivery(delivery)
-            else:
-                delivery = None
-
-        verdict = self.decide(session, origin, home)
+            ix.add_access_key(s, access_key)
+        if isinstance(delivery, str):
+            ix.add_delivery(s, delivery)
+        else:
+            delivery = None
+        verdict = self._decide(ix, s, origin, home)
         if verdict is None:
             return []
         finding_type, remote, severity = verdict
         change = self._record_finding(
-            state, session, key, record, identity, event_ts, origin, delivery, finding_type, remote, severity
+            state, ix, s, key, record, identity, event_ts, origin, delivery, finding_type, remote, severity
         )
         return [] if change is None else [change]
 
     def decide(self, session: Session, origin: Origin, home: str) -> tuple[str, str | None, int] | None:
         """The decision table of SPEC §5; updates the session's baseline. ``(type, remote, severity)``."""
-        kind = origin.kind
+        parsed = parse_address(origin.address) if origin.address is not None else None
+        value = parsed[1] if parsed is not None else 0
+        packed = (origin.kind, origin.owner, origin.address, origin.family, value, origin.vpce)
+        if session.attached:
+            return self._decide(session._ix, session._s(), packed, home)  # type: ignore[arg-type]
+        scratch = SessionIndex()  # a detached session: decide on a copy, then write the baseline back
+        key = f"arn:{session.partition}:sts::{session.account}:assumed-role/{session.role}/{session.instance_id}"
+        scratch[key] = session
+        view = scratch[key]
+        verdict = self._decide(scratch, view._s(), packed, home)
+        session.endpoints = view.endpoints
+        session.addresses = view.addresses
+        session.tofu_v4, session.tofu_v6 = view.tofu_v4, view.tofu_v6
+        return verdict
+
+    def _decide(
+        self, ix: SessionIndex, s: int, origin: tuple[str, str | None, str | None, int, int, str | None], home: str
+    ) -> tuple[str, str | None, int] | None:
+        kind, owner, address, family, value, vpce = origin
         registry = self.registry
         if kind == ORIGIN_SERVICE or kind == ORIGIN_EXPECTED:
             return None
         if kind == ORIGIN_ENDPOINT or kind == ORIGIN_REGISTRY:
-            owner = origin.owner
             if owner is None:  # VPC endpoint of unknown owner: remembered, never a finding
-                session.add_endpoint(origin.vpce, None)  # type: ignore[arg-type]
+                ix.add_endpoint(s, vpce, None)  # type: ignore[arg-type]
                 return None
             if owner == home or registry.is_trusted(owner):
-                if origin.vpce is not None:
-                    session.add_endpoint(origin.vpce, owner)
-                elif origin.address is not None:
-                    session.add_address(origin.address)
+                if vpce is not None:
+                    ix.add_endpoint(s, vpce, owner)
+                elif address is not None:
+                    ix.add_address(s, address)
                 return None
             return INSIDE_AWS, owner, MEDIUM if registry.is_affiliated(owner) else HIGH
         if kind == ORIGIN_AWS:
-            if registry.has_inventory(home):
+            if home in registry.inventoried:
                 return INSIDE_AWS, None, HIGH
-            address = origin.address
-            if origin.family == V4:
-                if session.tofu_v4 is None:
-                    session.tofu_v4 = address
-                    return None
-                if session.tofu_v4 == address:
+            if family == V4:
+                known = ix.tofu_v4_value(s)
+                if known is None:
+                    text = ix.tofu_v4(s)  # a restored value not written canonically, compared as text
+                    if text is None:
+                        ix.set_tofu_v4(s, address)
+                        return None
+                    if text == address:
+                        return None
+                elif known == value:
                     return None
             else:
-                if session.tofu_v6 is None:
-                    session.tofu_v6 = address
+                known6 = ix.tofu_v6(s)
+                if known6 is None:
+                    ix.set_tofu_v6(s, address)
                     return None
-                if session.tofu_v6 == address:
+                if known6 == address:
                     return None
             return INSIDE_AWS, None, HIGH
         return OUTSIDE_AWS, None, HIGH  # private (no VPC endpoint) or outside AWS
 
     # --- helpers -----------------------------------------------------------------------------------
 
-    def _enrich(self, state: DetectorState, record: dict[str, Any], issued: tuple[str, str, str, str, str, str | None]) -> None:
-        key, partition, account, role, instance_id, access_key = issued
+    def _enrich(self, state: DetectorState, event_time: Any, key: str, packed: int, access_key: str | None) -> None:
         try:
-            event_ts = parse_event_time(record.get("eventTime"))
+            event_ts = self._event_time(event_time)
         except MalformedRecord:
             return  # enrichment is best effort; the record itself is never a finding
         self.counters.issuance_records += 1
         state.advance(event_ts)
-        session = state.session(key, instance_id, account, role, partition)
+        s = state.touch(key, packed)
         if access_key:
-            session.add_access_key(access_key)
+            state.sessions.add_access_key(s, access_key)
 
     def _record_finding(
         self,
         state: DetectorState,
-        session: Session,
+        ix: SessionIndex,
+        s: int,
         key: str,
-        record: dict[str, Any],
-        identity: dict[str, Any],
+        record: Any,
+        identity: Any,
         event_ts: float,
-        origin: Origin,
+        origin: tuple[str, str | None, str | None, int, int, str | None],
         delivery: str | None,
         finding_type: str,
         remote: str | None,
@@ -311,7 +496,9 @@ class Engine:
         group = state.groups.get(gid)
         event_id = record.get("eventID")
         new = group is None
+        kind, _, address, _, _, vpce = origin
         if group is None:
+            instance_id, account, role, partition = ix.parts(s)
             group = FindingGroup(
                 id=gid,
                 type=finding_type,
@@ -320,20 +507,21 @@ class Engine:
                 count=0,
                 first_ts=event_ts,
                 last_ts=event_ts,
-                account=session.account,
-                partition=session.partition,
-                role=session.role,
-                instance_id=session.instance_id,
+                account=account,
+                partition=partition,
+                role=role,
+                instance_id=instance_id,
                 remote_addresses=[],
-                baseline=session.baseline(),
+                baseline=ix.baseline(s),
                 deliveries=[],
                 created_at=state.stream_time,
                 event_ids=[],
                 version=0,
             )
             state.groups[gid] = group
-            if gid not in session.groups:
-                session.groups = session.groups + (gid,)
+            groups = ix.groups(s)
+            if gid not in groups:
+                ix.set_groups(s, groups + (gid,))
         elif isinstance(event_id, str) and event_id in group.event_ids:
             return None  # the same CloudTrail event delivered again: already counted
         group.count += 1
@@ -349,18 +537,18 @@ class Engine:
         region = record.get("awsRegion")
         group.region = region if isinstance(region, str) else group.region
         access_key = identity.get("accessKeyId")
-        group.access_key_id = access_key if isinstance(access_key, str) else (session.access_keys[-1:] or [None])[0]
+        group.access_key_id = access_key if isinstance(access_key, str) else (ix.access_keys(s)[-1:] or [None])[0]
         principal = identity.get("principalId")
         group.principal_id = principal if isinstance(principal, str) else group.principal_id
         api = record.get("eventName")
         group.api = api if isinstance(api, str) else group.api
         service_name = record.get("eventSource")
         group.service_name = service_name if isinstance(service_name, str) else group.service_name
-        group.ip = origin.address
-        group.origin = origin.kind
-        group.vpce = origin.vpce
-        if origin.address and origin.address not in group.remote_addresses and len(group.remote_addresses) < MAX_REMOTE_ADDRESSES:
-            group.remote_addresses.append(origin.address)
+        group.ip = address
+        group.origin = kind
+        group.vpce = vpce
+        if address and address not in group.remote_addresses and len(group.remote_addresses) < MAX_REMOTE_ADDRESSES:
+            group.remote_addresses.append(address)
         if delivery is not None and delivery not in group.deliveries:
             group.deliveries.append(delivery)
         group.updated_at = state.stream_time
