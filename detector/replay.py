@@ -1,7 +1,10 @@
 """``detector replay``: the offline adapter around the core (SPEC §9), for backtests and acceptance.
 
-Inputs stream: JSON Lines are read a line at a time, so memory grows with sessions and findings, not
-with the number of records.
+Inputs stream: JSON Lines are read in blocks of a megabyte and cut at newlines, so memory grows with
+sessions and findings, not with the number of records. Each line (and each ``.json`` document) goes
+first to the fast decoder (:class:`detector.core.records.FastDecoder`: msgspec validates the whole
+input and builds only the fields the engine reads); what it does not accept goes to the reference
+:func:`detector.core.records.decode`, so malformed input is counted with the same reasons as before.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import orjson
 
 from .core.engine import Engine, MalformedRecord
 from .core.findings import render
-from .core.records import Decoded, classify, decode
+from .core.prefilter import may_matter
+from .core.records import SKIPPED, Decoded, FastDecoder, FastRecord, classify, decode, fast_ok
 from .core.state import DetectorState, FindingGroup
 
 INPUT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+BLOCK = 1 << 20  # bytes read at a time from a JSON Lines input
 
 
 class InputError(Exception):
@@ -146,11 +151,106 @@ class Replayer:
             for change in changes:
                 final[change.group.id] = change.group
 
+    def feed_fast(self, record: FastRecord | str) -> None:
+        """Apply one result of the fast decoder (a record, or :data:`SKIPPED`)."""
+        summary = self.summary
+        if record is SKIPPED:
+            summary.skipped += 1
+            return
+        summary.records += 1
+        try:
+            changes = self.engine.apply_fast(self.state, record)
+        except MalformedRecord as exc:
+            self._malformed(exc.reason)
+            return
+        for change in changes:
+            self.final[change.group.id] = change.group
+
+    def feed_raw(self, raw: bytes) -> None:
+        """One input the fast decoder did not take: the reference decode. An input that cannot hold a
+        record that matters (:func:`may_matter`) has its records counted without the engine's checks."""
+        decoded = decode(raw)
+        if decoded.records and not may_matter(raw):
+            count = len(decoded.records)
+            decoded.records = []
+            self.summary.records += count
+            self.engine.counters.records += count
+        self.feed(decoded)
+
+    def _feed_lines(self, handle: IO[bytes]) -> None:
+        fast = FastDecoder()
+        decode_line = fast.decode_line
+        feed_fast = self.feed_fast
+        feed_raw = self.feed_raw
+        rest = b""
+        while True:
+            block = handle.read(BLOCK)
+            if not block:
+                break
+            data = rest + block if rest else block
+            end = data.rfind(b"\n")
+            if end < 0:
+                rest = data
+                continue
+            rest = data[end + 1 :]
+            ascii_ok = data.isascii() and fast_ok()
+            view = memoryview(data)
+            find = data.find
+            pos = 0
+            while pos <= end:
+                nl = find(b"\n", pos, end + 1)
+                line = view[pos:nl]
+                pos = nl + 1
+                result = decode_line(line) if ascii_ok or line.tobytes().isascii() else None
+                if result is None:
+                    raw = line.tobytes()
+                    if raw.strip():
+                        feed_raw(raw)
+                else:
+                    feed_fast(result)
+            view.release()
+        if rest.strip():
+            result = decode_line(rest) if rest.isascii() and fast_ok() else None
+            if result is None:
+                feed_raw(rest)
+            else:
+                feed_fast(result)
+
+    def _feed_file(self, name: str) -> None:
+        handle = _open(name)
+        try:
+            lowered = name.lower()
+            if name == "-" or lowered.endswith((".jsonl", ".jsonl.gz")):
+                self._feed_lines(handle)
+                return
+            data = handle.read()
+            records = FastDecoder().decode_document(data)
+            if records is not None:
+                for record in records:
+                    self.feed_fast(record)
+                return
+            try:
+                value = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                self._feed_lines(io.BytesIO(data))  # a .json file that holds JSON Lines
+                return
+            decoded = classify(value)
+            if decoded.records and not may_matter(data):
+                count = len(decoded.records)
+                decoded.records = []
+                self.summary.records += count
+                self.engine.counters.records += count
+            self.feed(decoded)
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: corrupt deflate data
+            raise InputError(f"{name}: cannot read ({exc})") from None
+        finally:
+            if handle is not sys.stdin.buffer:
+                handle.close()
+
     def run(self, inputs: list[str]) -> Summary:
         for name in expand_inputs(inputs):
             self.summary.inputs += 1
-            for decoded in iter_inputs(name):
-                self.feed(decoded)
+            self._feed_file(name)
         self.summary.instance_records = self.engine.counters.instance_records
         self.summary.findings = len(self.final)
         return self.summary

@@ -138,15 +138,10 @@ def issuance_parts(record: dict[str, Any]) -> tuple[str, str, str, str, str, str
     params = record.get("requestParameters")
     if not isinstance(params, dict):
         return None
-    instance_id = params.get("roleSessionName")
-    role_arn = params.get("roleArn")
-    if not isinstance(instance_id, str) or not _INSTANCE_ID.fullmatch(instance_id) or not isinstance(role_arn, str):
+    issued = issuance_key(params.get("roleSessionName"), params.get("roleArn"))
+    if issued is None:
         return None
-    m = _ROLE_ARN.fullmatch(role_arn)
-    if m is None:
-        return None
-    partition, account, role = m.group(1), m.group(2), m.group(3)
-    key = f"arn:{partition}:sts::{account}:assumed-role/{role}/{instance_id}"
+    key, _, partition, account, role, instance_id = issued
     access_key = None
     response = record.get("responseElements")
     if isinstance(response, dict):

@@ -7,10 +7,15 @@ input was an EventBridge event of another detail-type (skipped, not an error).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import orjson
+
+from .prefilter import may_matter
+from .state import SESSION_ARN
 
 CLOUDTRAIL_DETAIL_TYPES = frozenset(
     {
@@ -34,6 +39,7 @@ class Decoded:
     records: list[dict[str, Any]] = field(default_factory=list)
     malformed: list[str] = field(default_factory=list)  # one reason per malformed element
     skipped: bool = False  # an EventBridge event that does not carry CloudTrail
+    ignored: int = 0  # decode_fast only: CloudTrail records left out of `records` (they cannot matter)
 
     @property
     def error(self) -> str | None:
@@ -90,3 +96,234 @@ def decode(raw: bytes | bytearray | memoryview | str) -> Decoded:
         out.malformed.append(INVALID_JSON)
         return out
     return classify(value)
+
+
+# --- the fast path -------------------------------------------------------------------------------
+#
+# ``orjson.loads`` builds every string, number and object of a ~1.4 KB record as Python objects; the
+# detector reads a dozen fields. msgspec decodes straight into the structs below: it validates the
+# whole input (JSON grammar, escapes, control characters) but builds only the declared fields and
+# skips the rest. The structs also check the shape (required fields, object types), so an input they
+# accept is a CloudTrail record or an EventBridge event carrying one. Anything they do not accept —
+# another shape, a malformed input, a field of an unexpected type, a non-ASCII input, nesting deeper
+# than Python's recursion limit — goes to ``decode`` above, which stays the reference: every malformed
+# input is still counted with the same reason.
+#
+# Where the two judges differ (documented in docs/performance.md): msgspec checks the UTF-8 of the
+# strings it builds only, so non-ASCII inputs always take the reference path; and msgspec accepts a
+# number literal too large for a double (``1e400``, valid JSON by RFC 8259's grammar) in a field it
+# skips, where orjson rejects the whole input. Such an input is processed instead of dead-lettered.
+
+
+class _Credentials(msgspec.Struct, gc=False):
+    accessKeyId: Any = None
+
+
+class _Response(msgspec.Struct, gc=False):
+    credentials: _Credentials | None = None
+
+
+class _Parameters(msgspec.Struct, gc=False):
+    roleArn: Any = None
+    roleSessionName: Any = None
+
+
+class _SessionContext(msgspec.Struct, gc=False):
+    ec2RoleDelivery: Any = None
+
+
+class _Identity(msgspec.Struct, gc=False):
+    type: Any = None
+    arn: Any = None
+    invokedBy: Any = None
+    accessKeyId: Any = None
+    principalId: Any = None
+    sessionContext: _SessionContext | None = None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
+
+
+class FastRecord(msgspec.Struct, gc=False):
+    """The fields of a CloudTrail record the engine reads (``Engine.apply`` takes it as a record)."""
+
+    eventVersion: Any  # required: present, whatever its value (SPEC §2 recognises the shape by it)
+    userIdentity: _Identity  # required, an object
+    eventTime: Any = None
+    eventName: Any = None
+    eventSource: Any = None
+    awsRegion: Any = None
+    sourceIPAddress: Any = None
+    vpcEndpointId: Any = None
+    vpcEndpointAccountId: Any = None
+    eventID: Any = None
+    requestParameters: _Parameters | None = None
+    responseElements: _Response | None = None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
+
+
+class _EventBridgeInput(msgspec.Struct, gc=False, rename={"detail_type": "detail-type"}):
+    detail_type: str
+    detail: FastRecord
+
+
+class _RecordInput(FastRecord, gc=False, rename={"detail_type": "detail-type"}):
+    # Present only to notice an input that is also EventBridge-shaped (that shape takes precedence).
+    detail_type: Any = msgspec.UNSET
+    detail: Any = msgspec.UNSET
+
+
+class _LogFileInput(msgspec.Struct, gc=False, rename={"detail_type": "detail-type"}):
+    Records: list[FastRecord]
+    detail_type: Any = msgspec.UNSET
+    detail: Any = msgspec.UNSET
+    eventVersion: Any = msgspec.UNSET
+    userIdentity: Any = msgspec.UNSET
+
+
+SKIPPED = "skipped"  # what fast decoding returns for an EventBridge event of another detail-type
+
+_FAST_ERRORS = (msgspec.DecodeError, RecursionError)
+_ORJSON_MAX_DEPTH = 1024
+
+
+def fast_ok() -> bool:
+    """msgspec's nesting limit is Python's recursion limit: it must stay below orjson's."""
+    return sys.getrecursionlimit() <= _ORJSON_MAX_DEPTH
+
+
+class FastDecoder:
+    """Decodes one input the fast way, or says it cannot (then use :func:`decode`).
+
+    ``decode_line(raw)`` returns a :class:`FastRecord`, :data:`SKIPPED`, or ``None``. It tries the
+    shape that succeeded last first, so a stream of bare records costs one decode per input too.
+    """
+
+    __slots__ = ("_eventbridge", "_record", "_eventbridge_first")
+
+    def __init__(self) -> None:
+        self._eventbridge = msgspec.json.Decoder(_EventBridgeInput)
+        self._record = msgspec.json.Decoder(_RecordInput)
+        self._eventbridge_first = True
+
+    def decode_line(self, raw: Any) -> FastRecord | str | None:
+        """``raw`` must be ASCII (the caller checks: memoryviews have no ``isascii``)."""
+        first = self._eventbridge_first
+        for attempt in (first, not first):
+            try:
+                if attempt:
+                    env = self._eventbridge.decode(raw)
+                else:
+                    rec = self._record.decode(raw)
+            except _FAST_ERRORS:
+                continue
+            self._eventbridge_first = attempt
+            if attempt:
+                return env.detail if env.detail_type in CLOUDTRAIL_DETAIL_TYPES else SKIPPED
+            if rec.detail_type is not msgspec.UNSET and rec.detail is not msgspec.UNSET:
+                return None  # also an EventBridge event: the reference path classifies it
+            return rec
+        return None
+
+    def decode_document(self, raw: bytes) -> list[FastRecord] | None:
+        """The records of a CloudTrail log file (``{"Records": [...]}``), or None."""
+        if not raw.isascii() or not fast_ok():
+            return None
+        try:
+            doc = msgspec.json.decode(raw, type=_LogFileInput)
+        except _FAST_ERRORS:
+            return None
+        if (doc.detail_type is not msgspec.UNSET and doc.detail is not msgspec.UNSET) or (
+            doc.eventVersion is not msgspec.UNSET and doc.userIdentity is not msgspec.UNSET
+        ):
+            return None
+        return doc.Records
+
+
+def _project(record: FastRecord) -> dict[str, Any]:
+    """A plain-dict record with every field the engine reads, and only those (never a session token)."""
+    ident = record.userIdentity
+    identity: dict[str, Any] = {"type": ident.type, "arn": ident.arn}
+    for name in ("invokedBy", "accessKeyId", "principalId"):
+        value = getattr(ident, name)
+        if value is not None:
+            identity[name] = value
+    if ident.sessionContext is not None:
+        identity["sessionContext"] = {"ec2RoleDelivery": ident.sessionContext.ec2RoleDelivery}
+    out: dict[str, Any] = {"eventVersion": record.eventVersion, "userIdentity": identity}
+    for name in ("eventTime", "eventName", "eventSource", "awsRegion", "sourceIPAddress", "vpcEndpointId",
+                 "vpcEndpointAccountId", "eventID"):  # fmt: skip
+        value = getattr(record, name)
+        if value is not None:
+            out[name] = value
+    params = record.requestParameters
+    if params is not None:
+        out["requestParameters"] = {"roleArn": params.roleArn, "roleSessionName": params.roleSessionName}
+    response = record.responseElements
+    if response is not None:
+        creds = response.credentials
+        out["responseElements"] = {"credentials": None if creds is None else {"accessKeyId": creds.accessKeyId}}
+    return out
+
+
+def matters(record: FastRecord) -> bool:
+    """True when the record is made with EC2 instance credentials or may be EC2 issuing them (SPEC §3):
+    the only records that can change state or raise a finding."""
+    ident = record.userIdentity
+    if ident.type == "AssumedRole" and type(ident.arn) is str and _is_instance_arn(ident.arn):
+        return True
+    return record.eventName == "AssumeRole" and ident.invokedBy == "ec2.amazonaws.com"
+
+
+def _is_instance_arn(arn: str) -> bool:
+    known = _INSTANCE_ARNS.get(arn)
+    if known is None:
+        if len(_INSTANCE_ARNS) >= 1 << 16:
+            _INSTANCE_ARNS.clear()
+        known = _INSTANCE_ARNS[arn] = SESSION_ARN.fullmatch(arn) is not None
+    return known
+
+
+_INSTANCE_ARNS: dict[str, bool] = {}
+_FAST = FastDecoder()
+
+
+def decode_fast(raw: bytes | bytearray) -> Decoded:
+    """:func:`decode`, faster, for inputs that are mostly records that do not matter.
+
+    Same ``malformed`` and ``skipped``; ``records`` holds only the records that :func:`matters` —
+    as plain dicts restricted to the fields the engine reads (``Engine.apply`` on them decides exactly
+    as on the full record; there is no session token in them) — and ``ignored`` counts the other
+    CloudTrail records of the input. ``len(records) + ignored`` is what ``decode`` would return in
+    ``records``. The byte-level :func:`detector.core.prefilter.may_matter` is not needed here: the
+    decode itself tells, at the cost of validating the input (which SPEC §2 requires anyway).
+    """
+    if isinstance(raw, (bytes, bytearray)) and raw.isascii() and fast_ok():
+        result = _FAST.decode_line(raw)
+        if result is not None:
+            out = Decoded()
+            if result is SKIPPED:
+                out.skipped = True
+            elif matters(result):  # type: ignore[arg-type]
+                out.records.append(_project(result))  # type: ignore[arg-type]
+            else:
+                out.ignored = 1
+            return out
+    out = decode(raw)
+    if out.records and not may_matter(raw):  # the byte-level prefilter: no record here can matter
+        out.ignored, out.records = len(out.records), []
+    elif out.records:
+        kept = [r for r in out.records if _dict_matters(r)]
+        out.ignored = len(out.records) - len(kept)
+        out.records = kept
+    return out
+
+
+def _dict_matters(record: dict[str, Any]) -> bool:
+    identity = record["userIdentity"]
+    arn = identity.get("arn")
+    if identity.get("type") == "AssumedRole" and isinstance(arn, str) and _is_instance_arn(arn):
+        return True
+    return record.get("eventName") == "AssumeRole" and identity.get("invokedBy") == "ec2.amazonaws.com"
