@@ -167,9 +167,12 @@ class Replayer:
             self.final[change.group.id] = change.group
 
     def feed_raw(self, raw: bytes) -> None:
-        """One input the fast decoder did not take: the reference decode. An input that cannot hold a
-        record that matters (:func:`may_matter`) has its records counted without the engine's checks."""
-        decoded = decode(raw)
+        """One input the fast decoder did not take: the reference decode."""
+        self.feed_reference(decode(raw), raw)
+
+    def feed_reference(self, decoded: Decoded, raw: bytes) -> None:
+        """Apply a reference decode of ``raw``. When ``raw`` cannot hold a record that matters
+        (:func:`may_matter`), its records are counted without the engine's per-record checks."""
         if decoded.records and not may_matter(raw):
             count = len(decoded.records)
             decoded.records = []
@@ -182,6 +185,10 @@ class Replayer:
         decode_line = fast.decode_line
         feed_fast = self.feed_fast
         feed_raw = self.feed_raw
+        apply_fast = self.engine.apply_fast
+        state = self.state
+        final = self.final
+        summary = self.summary
         rest = b""
         while True:
             block = handle.read(BLOCK)
@@ -206,8 +213,17 @@ class Replayer:
                     raw = line.tobytes()
                     if raw.strip():
                         feed_raw(raw)
-                else:
-                    feed_fast(result)
+                elif result is SKIPPED:
+                    summary.skipped += 1
+                else:  # feed_fast, inlined: this loop runs once per input line
+                    summary.records += 1
+                    try:
+                        changes = apply_fast(state, result)
+                    except MalformedRecord as exc:
+                        self._malformed(exc.reason)
+                        continue
+                    for change in changes:
+                        final[change.group.id] = change.group
             view.release()
         if rest.strip():
             result = decode_line(rest) if rest.isascii() and fast_ok() else None
@@ -234,13 +250,7 @@ class Replayer:
             except orjson.JSONDecodeError:
                 self._feed_lines(io.BytesIO(data))  # a .json file that holds JSON Lines
                 return
-            decoded = classify(value)
-            if decoded.records and not may_matter(data):
-                count = len(decoded.records)
-                decoded.records = []
-                self.summary.records += count
-                self.engine.counters.records += count
-            self.feed(decoded)
+            self.feed_reference(classify(value), data)
         except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: corrupt deflate data
             raise InputError(f"{name}: cannot read ({exc})") from None
         finally:

@@ -179,7 +179,7 @@ class Origin:
 
 
 _CACHE_LIMIT = 1 << 16  # entries per memo table; a full table is cleared (bounded memory, no LRU work)
-_NOT_ADDRESS = (0, 0, None, None, None, False, False)
+_NOT_ADDRESS = (0, 0, None)
 
 
 class Engine:
@@ -197,8 +197,9 @@ class Engine:
         self.counters = Counters()
         self._arns: dict[str, tuple[int, str, str, str, str] | None] = {}
         self._times: dict[str, float] = {}
-        self._sources: dict[str, tuple[int, int, str | None, str | None, Any, bool, bool]] = {}
-        self._sources_for: tuple[Registry, AddressIndex[Any]] | None = None
+        self._addresses: dict[str, tuple[int, int, str | None]] = {}
+        self._classes: dict[tuple[int, int], tuple[str | None, Any, bool, bool]] = {}
+        self._classes_for: tuple[Registry, AddressIndex[Any]] | None = None
 
     # --- memo tables -------------------------------------------------------------------------------
 
@@ -226,36 +227,40 @@ class Engine:
             return ts
         return parse_event_time(value)
 
-    def _source(self, source: str) -> tuple[int, int, str | None, str | None, Any, bool, bool]:
-        """``(family, value, address, registry owner, expected payload, in AWS ranges, global)``;
-        family 0 when ``source`` is not an address."""
-        memo = self._sources
-        context = (self.registry, self.aws_ranges)
-        if self._sources_for is None or self._sources_for[0] is not context[0] or self._sources_for[1] is not context[1]:
-            memo.clear()
-            self._sources_for = context
+    def _address(self, source: str) -> tuple[int, int, str | None]:
+        """``(family, value, normalised address)`` of ``source``; family 0 when it is not an address."""
+        memo = self._addresses
         hit = memo.get(source)
-        if hit is not None:
-            return hit
-        parsed = parse_address(source)
-        if parsed is None:
-            entry = _NOT_ADDRESS
-        else:
-            family, value = parsed
-            registry = self.registry
-            entry = (
-                family,
-                value,
-                format_address(family, value),
+        if hit is None:
+            parsed = parse_address(source)
+            hit = (0, 0, None) if parsed is None else (parsed[0], parsed[1], format_address(*parsed))
+            if len(memo) >= _CACHE_LIMIT:
+                memo.clear()
+            memo[source] = hit
+        return hit
+
+    def _classify(self, family: int, value: int) -> tuple[str | None, Any, bool, bool]:
+        """``(registry owner, expected-network payload, in AWS ranges, global)`` of an address; dropped
+        whenever ``registry`` or ``aws_ranges`` is replaced."""
+        memo = self._classes
+        registry, ranges = self.registry, self.aws_ranges
+        context = self._classes_for
+        if context is None or context[0] is not registry or context[1] is not ranges:
+            memo.clear()
+            self._classes_for = (registry, ranges)
+        key = (family, value)
+        hit = memo.get(key)
+        if hit is None:
+            hit = (
                 registry.owners.lookup(family, value),
                 registry.expected.lookup(family, value),
-                self.aws_ranges.lookup(family, value) is not None,
+                ranges.lookup(family, value) is not None,
                 is_global(family, value),
             )
-        if len(memo) >= _CACHE_LIMIT:
-            memo.clear()
-        memo[source] = entry
-        return entry
+            if len(memo) >= _CACHE_LIMIT:
+                memo.clear()
+            memo[key] = hit
+        return hit
 
     # --- SPEC §4 -----------------------------------------------------------------------------------
 
@@ -266,13 +271,14 @@ class Engine:
         is_str = isinstance(source, str)
         if invoked_by or (is_str and (source.endswith(".amazonaws.com") or source.startswith("AWS Internal"))):
             return ORIGIN_SERVICE, None, None, 0, 0, None
-        family, value, address, owner, expected, in_aws, is_glob = self._source(source) if is_str else _NOT_ADDRESS
+        family, value, address = self._address(source) if is_str else _NOT_ADDRESS
         if isinstance(vpce, str) and vpce.startswith("vpce-"):
             if not (isinstance(vpce_account, str) and _ACCOUNT.fullmatch(vpce_account)):
                 vpce_account = self.registry.endpoint_owner.get(vpce)
             return ORIGIN_ENDPOINT, vpce_account, address, family, value, vpce
         if not family:
             raise MalformedRecord("bad_field", f"sourceIPAddress {str(source)[:60]!r} is neither an address nor a service")
+        owner, expected, in_aws, is_glob = self._classify(family, value)
         if owner is not None:
             return ORIGIN_REGISTRY, owner, address, family, value, None
         if expected is not None and (home in expected or _ALL_HOMES in expected):

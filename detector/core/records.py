@@ -210,22 +210,32 @@ class FastDecoder:
 
     def decode_line(self, raw: Any) -> FastRecord | str | None:
         """``raw`` must be ASCII (the caller checks: memoryviews have no ``isascii``)."""
-        first = self._eventbridge_first
-        for attempt in (first, not first):
+        if self._eventbridge_first:
             try:
-                if attempt:
-                    env = self._eventbridge.decode(raw)
-                else:
-                    rec = self._record.decode(raw)
+                env = self._eventbridge.decode(raw)
             except _FAST_ERRORS:
-                continue
-            self._eventbridge_first = attempt
-            if attempt:
-                return env.detail if env.detail_type in CLOUDTRAIL_DETAIL_TYPES else SKIPPED
-            if rec.detail_type is not msgspec.UNSET and rec.detail is not msgspec.UNSET:
-                return None  # also an EventBridge event: the reference path classifies it
-            return rec
-        return None
+                return self._as_record(raw, switch=True)
+            return env.detail if env.detail_type in CLOUDTRAIL_DETAIL_TYPES else SKIPPED
+        result = self._as_record(raw, switch=False)
+        if result is None:
+            try:
+                env = self._eventbridge.decode(raw)
+            except _FAST_ERRORS:
+                return None
+            self._eventbridge_first = True
+            return env.detail if env.detail_type in CLOUDTRAIL_DETAIL_TYPES else SKIPPED
+        return result
+
+    def _as_record(self, raw: Any, switch: bool) -> FastRecord | None:
+        try:
+            rec = self._record.decode(raw)
+        except _FAST_ERRORS:
+            return None
+        if rec.detail_type is not msgspec.UNSET and rec.detail is not msgspec.UNSET:
+            return None  # also an EventBridge event: the reference path classifies it
+        if switch:
+            self._eventbridge_first = False
+        return rec
 
     def decode_document(self, raw: bytes) -> list[FastRecord] | None:
         """The records of a CloudTrail log file (``{"Records": [...]}``), or None."""

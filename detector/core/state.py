@@ -155,6 +155,7 @@ _DELIVERY_SHIFT = 3  # bits 3-5: the ec2RoleDelivery values seen, as a code
 _DELIVERY_MASK = 0x38
 _DELIVERY_CODES: dict[tuple[str, ...], int] = {(): 0, ("1.0",): 1, ("2.0",): 2, ("1.0", "2.0"): 3, ("2.0", "1.0"): 4}
 _DELIVERY_TUPLES: dict[int, tuple[str, ...]] = {v: k for k, v in _DELIVERY_CODES.items()}
+_DELIVERY_SEEN = frozenset((code, v) for values, code in _DELIVERY_CODES.items() for v in values)
 _DELIVERY_EXTRA = 7  # other values: the tuple is in the side table
 _AK_LEN = 20
 _ZERO_AK = bytes(_AK_LEN)
@@ -366,11 +367,9 @@ class SessionIndex:
             self._x(s)[X_KEYS] = older
 
     def add_access_key(self, s: int, key: str) -> None:
-        flags = self._flags[s]
-        if flags & F_AK and not flags & F_EXTRA:  # the usual case: one key so far
-            raw = _ak_bytes(key)
+        if self._flags[s] & F_AK and len(key) == _AK_LEN and key.isascii():  # the usual case: the newest again
             base = s * _AK_LEN
-            if raw is not None and self._ak.startswith(raw, base, base + _AK_LEN):
+            if self._ak.startswith(key.encode("ascii"), base, base + _AK_LEN):
                 return
         keys = self.access_keys(s)
         if keys and keys[-1] == key:
@@ -396,6 +395,8 @@ class SessionIndex:
         self._flags[s] = (self._flags[s] & ~_DELIVERY_MASK & 0xFF) | (code << _DELIVERY_SHIFT)
 
     def add_delivery(self, s: int, value: str) -> None:
+        if ((self._flags[s] & _DELIVERY_MASK) >> _DELIVERY_SHIFT, value) in _DELIVERY_SEEN:
+            return
         values = self.deliveries(s)
         if value not in values:
             self.set_deliveries(s, values + (value,))
@@ -947,6 +948,7 @@ class DetectorState:
         "changed",
         "removed",
         "track_changes",
+        "created",
         "_next_sweep",
     )
 
@@ -961,6 +963,7 @@ class DetectorState:
         self.track_changes = track_changes
         self.changed: set[str] = set()
         self.removed: set[str] = set()
+        self.created = False  # whether the last touch() created its entry
         self._next_sweep = 0.0
 
     def advance(self, event_time: float) -> float:
@@ -973,12 +976,7 @@ class DetectorState:
         packed = _pack_any(key)
         s = self.touch(key, packed)
         ix = self.sessions
-        if isinstance(packed, str) or ix._xget(s, X_PARTS) is not None or _key_parts(packed) != (
-            instance_id,
-            account,
-            role,
-            partition,
-        ):
+        if self.created:  # the parts of an existing entry stay as they are
             ix.set_parts(s, (instance_id, account, role, partition))
         return Session._view(ix, s)
 
@@ -993,8 +991,21 @@ class DetectorState:
                 ix._drop(s)
                 self.expired += 1
                 s = None
-            else:
-                ix._touch(s)
+            elif s != ix._tail:  # move to the most recently used end (SessionIndex._touch, inlined)
+                prev, nxt = ix._prev, ix._next
+                p = prev[s]
+                n = nxt[s]
+                if p == _NONE:
+                    ix._head = n
+                else:
+                    nxt[p] = n
+                prev[n] = p
+                tail = ix._tail
+                prev[s] = tail
+                nxt[s] = _NONE
+                nxt[tail] = s
+                ix._tail = s
+        self.created = s is None
         if s is None:
             s = ix._new_slot(packed, now)
             if len(ix._slots) > self.config.max_sessions:
