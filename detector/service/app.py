@@ -43,7 +43,7 @@ from ..core.records import BAD_RECORD, INVALID_JSON, decode, is_cloudtrail_recor
 from ..core.state import DetectorState, EngineConfig, FindingGroup
 from ..registry import RegistryError, load_registry
 from .http import HttpServer
-from .kafka_config import consumer_kwargs, kafka_common_kwargs, producer_kwargs
+from .kafka_config import consumer_kwargs, kafka_common_kwargs, producer_kwargs, transactions_enabled
 from .logging import record_context
 from .metrics import Metrics
 from .publisher import FindingPublisher
@@ -149,9 +149,75 @@ class Stage(ABC):
     def commit_bound(self, tp: TopicPartition, processed: int) -> int:
         return processed
 
+    def prepare(self, flush_all: bool = False) -> Callable[[], None] | None:
+        """Move outputs that are due into the outbox; return what to do once they are delivered."""
+        return None
+
     async def flush(self, flush_all: bool = False) -> None:
+        """Deliver the outbox (and whatever :meth:`prepare` adds), every output acknowledged."""
+        delivered = self.prepare(flush_all)
         outbox, self.outbox = self.outbox, []
         await self.service.produce_all(outbox)
+        if delivered is not None:
+            delivered()
+
+    async def settle(
+        self,
+        batch: dict[TopicPartition, list[Any]] | None = None,
+        flush_all: bool = False,
+        partitions: set[TopicPartition] | None = None,
+    ) -> None:
+        """Apply ``batch``, deliver its outputs, then commit: the at-least-once unit of work.
+
+        With a transactional producer, outputs and offsets go in one Kafka transaction instead.
+        The commit of the plain path runs outside the lock, so a rebalance never waits on it.
+        """
+        async with self.lock:
+            if batch:
+                self.process(batch)
+            if self.service.transactional:
+                await self.transact(flush_all, partitions)
+                return
+            await self.flush(flush_all)
+        await self.commit(partitions)
+
+    async def transact(self, flush_all: bool, partitions: set[TopicPartition] | None) -> None:
+        """Outputs and input offsets in one transaction (exactly once), retried until it commits."""
+        service = self.service
+        delivered = self.prepare(flush_all)
+        outbox, self.outbox = self.outbox, []
+        offsets = self.offsets_to_commit(partitions)
+        if not outbox and not offsets:
+            return
+        delay = 0.2
+        deadline: float | None = None
+        while True:
+            producer = service.producer
+            assert producer is not None
+            try:
+                async with service.transaction_lock, producer.transaction():
+                    futures = [
+                        await producer.send(topic, value=value, key=key, headers=headers, partition=partition)
+                        for topic, value, key, headers, partition in outbox
+                    ]
+                    await asyncio.gather(*futures)
+                    if offsets:
+                        await producer.send_offsets_to_transaction(offsets, self.group_id)
+                break
+            except KafkaError as exc:
+                service.metrics.commit_failures.inc()
+                log.warning("transaction_failed", stage=self.name, error=f"{type(exc).__name__}: {exc}")
+                if service.stopping.is_set():
+                    deadline = deadline or time.monotonic() + service.settings.grace_seconds
+                    if time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if delivered is not None:
+            delivered()
+        if offsets:
+            service.metrics.commits.inc()
+            self.committed.update(offsets)
 
     # machinery
     async def start(self) -> None:
@@ -183,17 +249,11 @@ class Stage(ABC):
                 await asyncio.sleep(0.5)
                 continue
             started = time.perf_counter()
-            async with self.lock:
-                if batch:
-                    self.process(batch)
-                await self.flush()
-            await self.commit()
+            await self.settle(batch)
             if batch:
                 metrics.processing.observe(time.perf_counter() - started)
 
-    async def commit(self, partitions: set[TopicPartition] | None = None) -> None:
-        if self.consumer is None:
-            return
+    def offsets_to_commit(self, partitions: set[TopicPartition] | None = None) -> dict[TopicPartition, int]:
         allowed = self.assigned if partitions is None else partitions
         offsets = {}
         for tp, processed in self.processed.items():
@@ -201,6 +261,12 @@ class Stage(ABC):
                 bound = self.commit_bound(tp, processed)
                 if bound > self.committed.get(tp, -1):
                     offsets[tp] = bound
+        return offsets
+
+    async def commit(self, partitions: set[TopicPartition] | None = None) -> None:
+        if self.consumer is None:
+            return
+        offsets = self.offsets_to_commit(partitions)
         if not offsets:
             return
         try:
@@ -214,9 +280,7 @@ class Stage(ABC):
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         self.service.metrics.rebalances.labels("revoked").inc()
-        async with self.lock:
-            await self.flush(flush_all=True)
-        await self.commit(revoked & self.assigned)
+        await self.settle(flush_all=True, partitions=revoked & self.assigned)
         self.assigned -= revoked
         for tp in revoked:
             self.processed.pop(tp, None)
@@ -421,39 +485,41 @@ class DetectStage(Stage):
             runs.setdefault(source, []).append((event_time_key(record), (msg, record)))
         return merge_runs(runs.values())
 
-    async def flush(self, flush_all: bool = False) -> None:
-        """Changelog, dead letters and due finding states, all acknowledged before any commit."""
+    def prepare(self, flush_all: bool = False) -> Callable[[], None] | None:
+        """Queue the finding states that are due (all of them when ``flush_all``) behind the changelog."""
         service = self.service
         s = service.settings
-        now = time.time()
-        groups = service.publisher.take_due(now, flush_all=flush_all)
+        groups = service.publisher.take_due(time.time(), flush_all=flush_all)
+        if not groups:
+            return None
         rendered: list[tuple[FindingGroup, dict[str, Any]]] = []
         for group in groups:
             finding = render(group)
             rendered.append((group, finding))
             body = eventbridge_envelope(finding) if s.eventbridge_envelope else finding
             self.outbox.append((s.findings_topic, orjson.dumps(body), group.id.encode(), [], None))
-        await super().flush(flush_all)
-        if not groups:
-            return
-        sent_at = time.time()
-        service.publisher.published(groups, sent_at)
-        service.metrics.finding_updates.inc(len(groups))
-        for group, finding in rendered:
-            service.metrics.event_lag.observe(max(0.0, sent_at - group.last_ts))
-            if group.version == 1:
-                log.info(
-                    "finding",
-                    finding_id=group.id,
-                    type=group.type,
-                    severity=group.severity,
-                    account=group.account,
-                    instance=group.instance_id,
-                    remote_account=group.remote_account,
-                    count=group.count,
-                )
-            if service.on_finding is not None:
-                service.on_finding(finding)
+
+        def delivered() -> None:
+            sent_at = time.time()
+            service.publisher.published(groups, sent_at)
+            service.metrics.finding_updates.inc(len(groups))
+            for group, finding in rendered:
+                service.metrics.event_lag.observe(max(0.0, sent_at - group.last_ts))
+                if group.version == 1:
+                    log.info(
+                        "finding",
+                        finding_id=group.id,
+                        type=group.type,
+                        severity=group.severity,
+                        account=group.account,
+                        instance=group.instance_id,
+                        remote_account=group.remote_account,
+                        count=group.count,
+                    )
+                if service.on_finding is not None:
+                    service.on_finding(finding)
+
+        return delivered
 
     # --- state restoration -------------------------------------------------------------------------
 
@@ -584,6 +650,8 @@ class DetectorService:
             raise StartupError(str(exc)) from None
         self.engine = Engine(registry, ranges)
         self.publisher = FindingPublisher(settings.finding_update_seconds)
+        self.transactional = transactions_enabled(settings)
+        self.transaction_lock = asyncio.Lock()  # both stages share the one transactional producer
         self.producer: AIOKafkaProducer | None = None
         self.http: HttpServer | None = None
         self.route = RouteStage(self)
@@ -782,9 +850,7 @@ class DetectorService:
             # detect first: its held-back finding updates are the output that matters most
             for stage in (self.detect, self.route):
                 try:
-                    async with stage.lock:
-                        await asyncio.wait_for(stage.flush(flush_all=True), timeout=max(0.1, deadline - time.monotonic()))
-                    await asyncio.wait_for(stage.commit(), timeout=max(0.1, deadline - time.monotonic()))
+                    await asyncio.wait_for(stage.settle(flush_all=True), timeout=max(0.1, deadline - time.monotonic()))
                 except (asyncio.TimeoutError, KafkaError) as exc:
                     log.error("shutdown_flush_failed", stage=stage.name, error=f"{type(exc).__name__}: {exc}")
         self._connected = False

@@ -193,7 +193,10 @@ class Settings(BaseSettings):
         False, description="Idempotent producer (needs `producer_acks = all` and broker support)."
     )
     transactional_id: str | None = Field(
-        None, description="Transactional producer id (needs `enable_idempotence` and broker support); unset: no transactions."
+        None,
+        description="Transactional producer id: outputs and input offsets of each batch are committed in one Kafka "
+        "transaction (exactly once). Must be unique per instance and stable across its restarts (e.g. the pod "
+        "name). Needs `enable_idempotence` and broker support; unset: at least once, no transactions.",
     )
 
     max_message_bytes: int = Field(
