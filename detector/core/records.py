@@ -278,6 +278,28 @@ def _project(record: FastRecord) -> dict[str, Any]:
     return out
 
 
+def _project_dict(record: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_project` for a record of the reference decoder (same decisions, no session token)."""
+    ident = record["userIdentity"]
+    identity = {name: ident[name] for name in ("type", "arn", "invokedBy", "accessKeyId", "principalId") if name in ident}
+    context = ident.get("sessionContext")
+    if isinstance(context, dict):
+        identity["sessionContext"] = {"ec2RoleDelivery": context.get("ec2RoleDelivery")}
+    out: dict[str, Any] = {"eventVersion": record["eventVersion"], "userIdentity": identity}
+    for name in ("eventTime", "eventName", "eventSource", "awsRegion", "sourceIPAddress", "vpcEndpointId",
+                 "vpcEndpointAccountId", "eventID"):  # fmt: skip
+        if name in record:
+            out[name] = record[name]
+    params = record.get("requestParameters")
+    if isinstance(params, dict):
+        out["requestParameters"] = {"roleArn": params.get("roleArn"), "roleSessionName": params.get("roleSessionName")}
+    response = record.get("responseElements")
+    if isinstance(response, dict):
+        creds = response.get("credentials")
+        out["responseElements"] = {"credentials": {"accessKeyId": creds.get("accessKeyId")} if isinstance(creds, dict) else None}
+    return out
+
+
 def matters(record: FastRecord) -> bool:
     """True when the record is made with EC2 instance credentials or may be EC2 issuing them (SPEC §3):
     the only records that can change state or raise a finding."""
@@ -325,7 +347,7 @@ def decode_fast(raw: bytes | bytearray) -> Decoded:
     if out.records and not may_matter(raw):  # the byte-level prefilter: no record here can matter
         out.ignored, out.records = len(out.records), []
     elif out.records:
-        kept = [r for r in out.records if _dict_matters(r)]
+        kept = [_project_dict(r) for r in out.records if _dict_matters(r)]
         out.ignored = len(out.records) - len(kept)
         out.records = kept
     return out
