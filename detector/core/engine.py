@@ -178,7 +178,7 @@ class Origin:
     vpce: str | None = None
 
 
-_CACHE_LIMIT = 1 << 16  # entries per memo table; a full table is cleared (bounded memory, no LRU work)
+_CACHE_LIMIT = 1 << 14  # entries per memo table; a full table is cleared (bounded memory, no LRU work)
 _NOT_ADDRESS = (0, 0, None)
 
 
