@@ -48,3 +48,14 @@ def run_child(code: str, *args: str, stdin: Any = None) -> tuple[str, float, int
 def best_of(n: int, fn: Any) -> Any:
     """The run with the smallest first element (seconds) of ``n`` runs of ``fn()``."""
     return min((fn() for _ in range(n)), key=lambda r: r[0])
+
+
+def run_async(main_async: Any, args: Any) -> None:
+    """``asyncio.run(main_async(args))``, on uvloop when ``args.uvloop``."""
+    import asyncio
+
+    if getattr(args, "uvloop", False):
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(main_async(args))

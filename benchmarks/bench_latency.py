@@ -26,7 +26,7 @@ from detector.embedded import EmbeddedBroker
 from detector.service.app import DetectorService
 from detector.service.settings import Settings
 
-from ._common import REPO, header
+from ._common import REPO, header, run_async
 from ._service import create_topic, names, samples, unique
 
 PRODUCER = """
@@ -126,12 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attack-share", type=float, default=0.01)
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--uvloop", action="store_true")
-    args = parser.parse_args(argv)
-    if args.uvloop:
-        import uvloop
-
-        uvloop.install()
-    asyncio.run(main_async(args))
+    run_async(main_async, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

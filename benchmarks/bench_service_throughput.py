@@ -26,7 +26,7 @@ from detector.embedded import EmbeddedBroker
 from detector.service.app import DetectorService
 from detector.service.settings import Settings
 
-from ._common import header
+from ._common import header, run_async
 from ._service import bare_consume, create_topic, names, produce, samples, unique
 from .eventgen import iter_events
 
@@ -92,12 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
-    args = parser.parse_args(argv)
-    if args.uvloop:
-        import uvloop
-
-        uvloop.install()
-    asyncio.run(main_async(args))
+    run_async(main_async, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
