@@ -43,26 +43,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedBroker:
     """``with EmbeddedBroker() as broker: broker.bootstrap`` — started on a free loopback port."""
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", advertised_port: int | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.advertised_port = advertised_port or self.port  # another port: clients go through a proxy there
         self.process: subprocess.Popen[bytes] | None = None
         self._log = tempfile.TemporaryFile()
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.host}:{self.advertised_port}"
 
     def start(self, timeout: float = 20.0) -> EmbeddedBroker:
-        url = f"tcp://{self.host}:{self.port}"
         self.process = subprocess.Popen(
             [
                 str(tansu_binary()),
                 "broker",
                 "--listener-url",
-                url,
+                f"tcp://{self.host}:{self.port}",
                 "--advertised-listener-url",
-                url,
+                f"tcp://{self.host}:{self.advertised_port}",
                 "--storage-engine",
                 "memory://tansu/",
             ],
@@ -80,7 +80,7 @@ class EmbeddedBroker:
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise EmbeddedBrokerError(f"broker did not listen on {self.bootstrap} within {timeout}s")
+        raise EmbeddedBrokerError(f"broker did not listen on {self.host}:{self.port} within {timeout}s")
 
     def output(self) -> str:
         self._log.seek(0)

@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 from kafka_support import (  # noqa: F401 - fixtures
+    TcpProxy,
     broker,
     committed_offsets,
     create_topics,
@@ -364,3 +365,41 @@ async def test_oversized_malformed_message_is_dead_lettered_truncated_and_stream
     assert headers["detector.truncated"] == str(len(huge)).encode()
     assert headers["detector.source.offset"] == b"0"
     assert huge.startswith(dead[0].value) and 0 < len(dead[0].value) <= 32 * 1024
+
+
+async def test_broker_lost_mid_run_service_keeps_retrying_and_recovers() -> None:
+    """The network to the broker is cut for a while mid-stream; the service neither crashes nor loses work."""
+    proxy_port = free_port()
+    backend = EmbeddedBroker(advertised_port=proxy_port).start()
+    proxy = TcpProxy(proxy_port, backend.port)
+    await proxy.start()
+    prefix = unique("lost")
+    s = settings_for(backend.bootstrap, prefix)
+    service = DetectorService(s)
+    task = asyncio.create_task(service.run())
+    try:
+        await create_topics(backend.bootstrap, {s.input_topics: 1})
+        await wait_until(service.ready, timeout=30)
+        messages = world_messages(WORLD)
+        half = len(messages) // 2
+        # the proxy runs on this loop: produce from a thread
+        await asyncio.to_thread(librdkafka_produce, backend.bootstrap, s.input_topics, messages[:half])
+        await wait_until(lambda: service.progress()["read"] > 0, timeout=30)
+        await proxy.cut()
+        await asyncio.sleep(8)  # the outage: fetches, produces and commits fail; the loops keep turning
+        assert not task.done()
+        assert (await _get(service.http.port, "/healthz"))[0] == 200
+        await proxy.start()
+        await asyncio.to_thread(librdkafka_produce, backend.bootstrap, s.input_topics, messages[half:])
+        await wait_consumed(service, world_records_total(), timeout=120)
+        assert await stop(service, task) == 0
+        latest = latest_findings(await read_topic(backend.bootstrap, s.findings_topic))
+        assert sorted(finding_key(f) for f in latest.values()) == EXPECTED
+        committed = await committed_offsets(backend.bootstrap, s.group_id, s.input_topics, 1)
+        assert committed == await end_offsets(backend.bootstrap, s.input_topics, 1)
+    finally:
+        if not task.done():
+            service.stop()
+            await asyncio.wait_for(task, timeout=30)
+        await proxy.cut()
+        backend.stop()
