@@ -177,14 +177,22 @@ def ip_ranges_update(url: str | None, output: str | None, force: bool, timeout: 
     )
 
 
-def _lazy_settings_options(func):  # type: ignore[no-untyped-def]
-    from .service.settings import settings_options
+class SettingsCommand(click.Command):
+    """A command taking every service setting as a flag (see detector.service.settings.settings_params).
 
-    return settings_options(func)
+    The flags are built on first use, so that the other subcommands never import pydantic.
+    """
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not getattr(self, "_settings_params_added", False):
+            from .service.settings import settings_params
+
+            self.params.extend(settings_params())
+            self._settings_params_added = True
+        return super().get_params(ctx)
 
 
-@cli.command(context_settings={"show_default": False})
-@_lazy_settings_options
+@cli.command(cls=SettingsCommand, context_settings={"show_default": False})
 def run(**kwargs: object) -> None:
     """Run the service: consume CloudTrail from Kafka, publish findings (SPEC §9).
 
@@ -226,21 +234,6 @@ def demo(timeout: float) -> None:
 
     configure_logging("warning", "console")
     sys.exit(asyncio.run(run_demo(sys.stdout, timeout=timeout)))
-
-
-class SettingsCommand(click.Command):
-    """A command taking every service setting as a flag (see detector.service.settings.settings_params).
-
-    The flags are built on first use, so that the other subcommands never import pydantic.
-    """
-
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        if not getattr(self, "_settings_params_added", False):
-            from .service.settings import settings_params
-
-            self.params.extend(settings_params())
-            self._settings_params_added = True
-        return super().get_params(ctx)
 
 
 @cli.group("settings", hidden=True)
