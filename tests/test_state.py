@@ -370,3 +370,55 @@ async def test_trust_on_first_use_baseline_survives_sigkill(broker: EmbeddedBrok
     assert finding["type"] == INSIDE_AWS and finding["severity"] == 8 and finding["service"]["count"] == 1
     assert finding["service"]["action"]["awsApiCallAction"]["remoteIpDetails"]["ipAddressV4"] == attacker
     assert finding["service"]["additionalInfo"]["baseline"]["firstUseIpv4"] == own
+
+
+async def test_commit_held_back_mid_batch_restores_exactly_after_sigkill(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """A held-back finding update pins its offset; the commit must stop at the *batch* start, else the
+    earlier records of that batch — whose changelog records carry the batch's last offset and are skipped
+    on restore — would be lost: here, a trust-on-first-use baseline learnt just before the pinned record."""
+    from detector.core.engine import OUTSIDE_AWS
+
+    registry = tmp_path / "registry.json"
+    registry.write_text('{"accounts": {}}')
+    prefix = unique("pinbatch")
+    s = settings_for(broker.bootstrap, prefix, registry, finding_update_seconds=3600, state_partitions=1)
+    await create_topics(broker.bootstrap, {s.input_topics: 1})
+    victim, other = "i-0aaaaaaaaaaaaaaa1", "i-0bbbbbbbbbbbbbbb2"
+    own, attacker, outside = "3.225.16.109", "52.45.102.28", "203.0.113.77"
+    log = tmp_path / "detector.log"
+    proc = Process(s, log)
+    try:
+        await wait_until(proc.ready, timeout=60)
+        # opens an OutsideAWS finding for `other` (published at once)
+        librdkafka_produce(broker.bootstrap, s.input_topics, [_record(other, outside, "2026-11-01T10:00:00Z", "a1")])
+        await wait_until(lambda: _metric_at_least(proc, "detector_finding_updates_total", 1), timeout=60)
+        # one batch: `victim` learns its own address, then `other`'s finding changes (held back: pins)
+        librdkafka_produce(
+            broker.bootstrap,
+            s.input_topics,
+            [
+                _record(victim, own, "2026-11-01T10:01:00Z", "b1"),
+                _record(other, outside, "2026-11-01T10:01:30Z", "b2"),
+            ],
+        )
+        await wait_until(lambda: _metric_at_least(proc, "detector_detect_records_total", 3), timeout=60)
+        await asyncio.sleep(1.5)  # commits of the pinned batch have happened
+        proc.kill()
+        proc = Process(s, log)
+        await wait_until(proc.ready, timeout=60)
+        librdkafka_produce(broker.bootstrap, s.input_topics, [_record(victim, attacker, "2026-11-01T10:05:00Z", "c1")])
+        await wait_until(lambda: _metric_at_least(proc, "detector_detect_records_total", 1), timeout=60)
+        assert proc.terminate() == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+    latest = latest_findings(await read_topic(broker.bootstrap, s.findings_topic))
+    by_instance = {(f["resource"]["instanceDetails"]["instanceId"], f["type"]): f for f in latest.values()}
+    assert by_instance[(other, OUTSIDE_AWS)]["service"]["count"] == 2
+    flagged = by_instance.get((victim, INSIDE_AWS))
+    assert flagged is not None, "the baseline learnt before the pinned record was lost on restore"
+    assert flagged["service"]["action"]["awsApiCallAction"]["remoteIpDetails"]["ipAddressV4"] == attacker
+
+
+async def _metric_at_least(proc: Process, name: str, value: float) -> bool:
+    return (await proc.metrics()).get(name, 0) >= value

@@ -403,6 +403,7 @@ class DetectStage(Stage):
         super().__init__(service, service.settings.detect_group_id)
         self.states: dict[int, DetectorState] = {}
         self.restoring: dict[int, asyncio.Task[None]] = {}
+        self.batch_starts: dict[TopicPartition, list[int]] = {}  # first offset of each batch not yet committed past
         self.records_applied = 0
         self.partitions_total = service.settings.state_partitions
 
@@ -418,7 +419,23 @@ class DetectStage(Stage):
         return DetectorState(config, track_changes=True)
 
     def commit_bound(self, tp: TopicPartition, processed: int) -> int:
-        return self.service.publisher.commit_bound(tp, processed)
+        """``processed``, or — when a held-back finding change pins an earlier offset — the start of the
+        batch holding that offset.
+
+        A changelog record carries the last offset of its batch and is skipped on restore when that is
+        at or past the committed offset. Committing mid-batch would skip changes made by the batch's
+        earlier offsets, which are never consumed again; committing at batch starts keeps restore exact.
+        """
+        pinned = self.service.publisher.commit_bound(tp, processed)
+        if pinned >= processed:
+            self.batch_starts.pop(tp, None)  # later pins can only fall in later batches
+            return processed
+        starts = self.batch_starts.get(tp, ())
+        below = [start for start in starts if start <= pinned]
+        bound = max(below) if below else self.committed.get(tp, 0)
+        if starts:  # batch starts below the bound are no longer needed
+            self.batch_starts[tp] = [start for start in starts if start >= bound]
+        return bound
 
     def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
         service = self.service
@@ -459,6 +476,7 @@ class DetectStage(Stage):
             m.evictions.labels("ttl").inc(state.expired - expired)
             m.evictions.labels("lru").inc(state.evicted - evicted)
             self.processed[tp] = last + 1
+            self.batch_starts.setdefault(tp, []).append(messages[0].offset)
             self.records_applied += len(messages)
             m.detected.inc(len(messages))
         m.instance_events.inc(counters.instance_records - instance_before)
@@ -536,6 +554,7 @@ class DetectStage(Stage):
     def dropped(self, revoked: set[TopicPartition]) -> None:
         gids = []
         for tp in revoked:
+            self.batch_starts.pop(tp, None)
             task = self.restoring.pop(tp.partition, None)
             if task is not None:
                 task.cancel()
