@@ -67,7 +67,20 @@ def parse_network(cidr: str) -> tuple[int, int, int]:
     """Parse a CIDR (host bits must be zero) into ``(family, first, last)``; ValueError if invalid."""
     if not isinstance(cidr, str):
         raise ValueError(f"not a CIDR string: {cidr!r}")
-    net = ipaddress.ip_network(cidr.strip(), strict=True)
+    text = cidr.strip()
+    address, slash, length = text.partition("/")
+    if slash and length.isdigit() and (len(length) == 1 or length[0] != "0"):
+        # Fast path (start-up parses ~17k AWS prefixes): inet_pton, then the host-bits check.
+        parsed = parse_address(address)
+        if parsed is not None and (parsed[0] == V6 or ":" not in address):
+            family, value = parsed
+            bits = 32 if family == V4 else 128
+            prefix = int(length)
+            if prefix <= bits:
+                host = (1 << (bits - prefix)) - 1
+                if value & host == 0:
+                    return family, value, value | host
+    net = ipaddress.ip_network(text, strict=True)  # the slow path, with ipaddress's precise errors
     first = int(net.network_address)
     last = int(net.broadcast_address)
     if net.version == 6 and first >> 32 == 0xFFFF and net.prefixlen >= 96:

@@ -39,7 +39,7 @@ from ..core import changelog
 from ..core.engine import Engine, MalformedRecord, check_decidable, issuance_parts, session_parts
 from ..core.findings import render
 from ..core.ordering import event_time_key, merge_runs
-from ..core.records import BAD_RECORD, INVALID_JSON, decode, is_cloudtrail_record
+from ..core.records import BAD_RECORD, INVALID_JSON, decode_fast, is_cloudtrail_record
 from ..core.state import DetectorState, EngineConfig, FindingGroup
 from ..registry import RegistryError, load_registry
 from .http import HttpServer
@@ -350,7 +350,7 @@ class RouteStage(Stage):
             m.events.labels(tp.topic).inc(len(messages))
             run = []
             for msg in messages:
-                decoded = decode(msg.value) if msg.value is not None else None
+                decoded = decode_fast(msg.value) if msg.value is not None else None
                 first = decoded.records[0] if decoded is not None and decoded.records else None
                 run.append((event_time_key(first), (msg, decoded)))
             runs.append(run)
@@ -362,6 +362,7 @@ class RouteStage(Stage):
                 continue
             headers: list[tuple[str, bytes]] | None = None
             problem: MalformedRecord | None = None
+            read += decoded.ignored  # records that cannot matter: counted, never routed
             for record in decoded.records:
                 read += 1
                 try:

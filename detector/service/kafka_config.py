@@ -19,7 +19,7 @@ from aiokafka.helpers import create_ssl_context
 
 from .settings import Settings, SettingsError
 
-PRODUCER_LINGER_MS = 5
+PRODUCER_LINGER_MS = 0  # outputs are sent as a batch then awaited at once: lingering only adds latency
 
 
 class MskIamTokenProvider(AbstractTokenProvider):
