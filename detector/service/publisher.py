@@ -56,11 +56,6 @@ class FindingPublisher:
         for group in groups:
             self.last_published[group.id] = now
 
-    def requeue(self, groups: Iterable[FindingGroup]) -> None:
-        """Publishing failed: publish these with the next batch."""
-        for group in groups:
-            self.due[group.id] = group
-
     def commit_bound(self, partition: Hashable, processed: int) -> int:
         """Highest offset (exclusive) of ``partition`` that may be committed."""
         bound = processed
