@@ -23,7 +23,7 @@ import orjson
 from .core.engine import Engine, MalformedRecord
 from .core.findings import render
 from .core.prefilter import may_matter
-from .core.records import SKIPPED, Decoded, FastDecoder, FastRecord, classify, decode, fast_ok
+from .core.records import _FAST_ERRORS, CLOUDTRAIL_DETAIL_TYPES, SKIPPED, Decoded, FastDecoder, FastRecord, classify, decode, fast_ok
 from .core.state import DetectorState, FindingGroup
 
 INPUT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -183,9 +183,12 @@ class Replayer:
     def _feed_lines(self, handle: IO[bytes]) -> None:
         fast = FastDecoder()
         decode_line = fast.decode_line
+        as_record = fast._as_record
+        eventbridge = fast._eventbridge.decode
         feed_fast = self.feed_fast
         feed_raw = self.feed_raw
         apply_fast = self.engine.apply_fast
+        counters = self.engine.counters
         state = self.state
         final = self.final
         summary = self.summary
@@ -204,19 +207,35 @@ class Replayer:
             view = memoryview(data)
             find = data.find
             pos = 0
+            counted = 0  # records that cannot matter: counted here, not passed to the engine
+            applied = 0
             while pos <= end:
                 nl = find(b"\n", pos, end + 1)
                 line = view[pos:nl]
                 pos = nl + 1
-                result = decode_line(line) if ascii_ok or line.tobytes().isascii() else None
+                if not ascii_ok and not line.tobytes().isascii():
+                    result = None
+                elif fast._eventbridge_first:  # FastDecoder.decode_line, inlined for the usual shape
+                    try:
+                        env = eventbridge(line)
+                    except _FAST_ERRORS:
+                        result = as_record(line, True)
+                    else:
+                        result = env.detail if env.detail_type in CLOUDTRAIL_DETAIL_TYPES else SKIPPED
+                else:
+                    result = decode_line(line)
                 if result is None:
                     raw = line.tobytes()
                     if raw.strip():
                         feed_raw(raw)
                 elif result is SKIPPED:
                     summary.skipped += 1
-                else:  # feed_fast, inlined: this loop runs once per input line
-                    summary.records += 1
+                else:
+                    identity = result.userIdentity
+                    if identity.type != "AssumedRole" and result.eventName != "AssumeRole":
+                        counted += 1  # Engine.apply_fast would only count it
+                        continue
+                    applied += 1  # feed_fast, inlined: this loop runs once per input line
                     try:
                         changes = apply_fast(state, result)
                     except MalformedRecord as exc:
@@ -224,6 +243,8 @@ class Replayer:
                         continue
                     for change in changes:
                         final[change.group.id] = change.group
+            summary.records += counted + applied
+            counters.records += counted
             view.release()
         if rest.strip():
             result = decode_line(rest) if rest.isascii() and fast_ok() else None

@@ -22,6 +22,12 @@ from .state import (
     FindingGroup,
     Session,
     SessionIndex,
+    _AK_LEN,
+    _DELIVERY_MASK,
+    _DELIVERY_SEEN,
+    _DELIVERY_SHIFT,
+    F_AK,
+    F_TOFU4,
     pack_key,
     parse_session_key,
 )
@@ -180,6 +186,8 @@ class Origin:
 
 _CACHE_LIMIT = 1 << 14  # entries per memo table; a full table is cleared (bounded memory, no LRU work)
 _NOT_ADDRESS = (0, 0, None)
+_MISS = object()
+_SERVICE_ORIGIN: tuple[str, str | None, str | None, int, int, str | None] = ("AWS_SERVICE", None, None, 0, 0, None)
 
 
 class Engine:
@@ -200,6 +208,9 @@ class Engine:
         self._addresses: dict[str, tuple[int, int, str | None]] = {}
         self._classes: dict[tuple[int, int], tuple[str | None, Any, bool, bool]] = {}
         self._classes_for: tuple[Registry, AddressIndex[Any]] | None = None
+        # (source address, home account) -> origin tuple of a call with no invokedBy and no VPC endpoint
+        self._origins: dict[tuple[str, str], tuple[str, str | None, str | None, int, int, str | None]] = {}
+        self._origins_for: tuple[Registry, AddressIndex[Any]] | None = None
 
     # --- memo tables -------------------------------------------------------------------------------
 
@@ -334,20 +345,27 @@ class Engine:
         return []
 
     def apply_fast(self, state: DetectorState, record: Any) -> list[FindingChange]:
-        """:meth:`apply` for a record of the fast decoder (``records.FastRecord``): attributes, not keys."""
-        self.counters.records += 1
+        """:meth:`apply` for a record of the fast decoder (``records.FastRecord``): attributes, not keys.
+
+        The common instance-session record takes an inlined path: one memo lookup for the whole
+        origin of a plain address (keyed by address and home account, dropped with the registry or
+        the ranges), the session touched through :meth:`DetectorState.touch`, the usual no-op
+        updates (the newest access key again, a known ``ec2RoleDelivery``) checked in place, and the
+        decision of the two commonest cases (an AWS service, the first-use IPv4 address again) taken
+        in place. Everything else goes through :meth:`_session_record`'s steps; the outcome is the
+        same as :meth:`apply` on the full record.
+        """
+        counters = self.counters
+        counters.records += 1
         identity = record.userIdentity
         if identity.type == "AssumedRole":
             arn = identity.arn
-            parsed = self._session_arn(arn) if type(arn) is str else None
-            if parsed is not None:
-                context = identity.sessionContext
-                return self._session_record(
-                    state, arn, parsed, record, identity,
-                    record.eventTime, record.sourceIPAddress, identity.invokedBy,
-                    record.vpcEndpointId, record.vpcEndpointAccountId,
-                    identity.accessKeyId, context.ec2RoleDelivery if context is not None else None,
-                )  # fmt: skip
+            if type(arn) is str:
+                parsed = self._arns.get(arn, _MISS)
+                if parsed is _MISS:
+                    parsed = self._session_arn(arn)
+                if parsed is not None:
+                    return self._instance_fast(state, arn, parsed, record, identity)  # type: ignore[arg-type]
         if record.eventName == "AssumeRole" and identity.invokedBy == "ec2.amazonaws.com":
             params = record.requestParameters
             if params is not None:
@@ -361,6 +379,76 @@ class Engine:
                             access_key = None
                     self._enrich(state, record.eventTime, issued[0], issued[1], access_key)
         return []
+
+    def _instance_fast(
+        self, state: DetectorState, key: str, parsed: tuple[int, str, str, str, str], record: Any, identity: Any
+    ) -> list[FindingChange]:
+        """:meth:`_session_record` for a ``FastRecord``, with the common cases inlined."""
+        packed, _, home, _, _ = parsed
+        event_time = record.eventTime
+        event_ts = self._times.get(event_time) if type(event_time) is str else None
+        if event_ts is None:
+            event_ts = self._event_time(event_time)
+        invoked_by = identity.invokedBy
+        source = record.sourceIPAddress
+        vpce = record.vpcEndpointId
+        if invoked_by:
+            origin: tuple[str, str | None, str | None, int, int, str | None] = _SERVICE_ORIGIN
+        elif type(source) is str and not (type(vpce) is str and vpce.startswith("vpce-")):
+            registry, ranges = self.registry, self.aws_ranges
+            context = self._origins_for
+            if context is None or context[0] is not registry or context[1] is not ranges:
+                self._origins.clear()
+                self._origins_for = (registry, ranges)
+            memo_key = (source, home)
+            hit = self._origins.get(memo_key)
+            if hit is None:
+                hit = self._origin(source, None, vpce, None, home)  # raises for a non-address
+                if len(self._origins) >= _CACHE_LIMIT:
+                    self._origins.clear()
+                self._origins[memo_key] = hit
+            origin = hit
+        else:
+            origin = self._origin(source, invoked_by, vpce, record.vpcEndpointAccountId, home)
+        s = self._enter(state, key, packed, event_ts, origin[0])
+        ix = state.sessions
+        flags = ix._flags[s]
+        access_key = identity.accessKeyId
+        if type(access_key) is str:
+            if not (
+                flags & F_AK
+                and len(access_key) == _AK_LEN
+                and access_key.isascii()
+                and ix._ak.startswith(access_key.encode("ascii"), s * _AK_LEN, s * _AK_LEN + _AK_LEN)
+            ):
+                ix.add_access_key(s, access_key)
+                flags = ix._flags[s]
+        elif isinstance(access_key, str):
+            ix.add_access_key(s, access_key)
+            flags = ix._flags[s]
+        context = identity.sessionContext
+        delivery = context.ec2RoleDelivery if context is not None else None
+        if type(delivery) is str:
+            if ((flags & _DELIVERY_MASK) >> _DELIVERY_SHIFT, delivery) not in _DELIVERY_SEEN:
+                ix.add_delivery(s, delivery)
+                flags = ix._flags[s]
+        elif isinstance(delivery, str):
+            ix.add_delivery(s, delivery)
+            flags = ix._flags[s]
+        else:
+            delivery = None
+        kind = origin[0]
+        if kind == ORIGIN_SERVICE or kind == ORIGIN_EXPECTED:
+            return []
+        if (
+            kind == ORIGIN_AWS
+            and origin[3] == V4
+            and flags & F_TOFU4
+            and ix._tofu4[s] == origin[4]
+            and home not in self.registry.inventoried
+        ):
+            return []  # the first-use IPv4 address again (what _decide answers, without its call)
+        return self._conclude(state, s, key, home, origin, delivery, record, identity, event_ts)
 
     def _session_record(
         self,
@@ -381,15 +469,7 @@ class Engine:
         packed, _, home, _, _ = parsed
         event_ts = self._event_time(event_time)
         origin = self._origin(source, invoked_by, vpce, vpce_account, home)
-        counters = self.counters
-        counters.instance_records += 1
-        kind = origin[0]
-        by_origin = counters.origin
-        by_origin[kind] = by_origin.get(kind, 0) + 1  # type: ignore[index,union-attr]
-
-        if event_ts > state.stream_time:
-            state.stream_time = event_ts
-        s = state.touch(key, packed)
+        s = self._enter(state, key, packed, event_ts, origin[0])
         ix = state.sessions
         if isinstance(access_key, str):
             ix.add_access_key(s, access_key)
@@ -397,6 +477,24 @@ class Engine:
             ix.add_delivery(s, delivery)
         else:
             delivery = None
+        return self._conclude(state, s, key, home, origin, delivery, record, identity, event_ts)
+
+    def _enter(self, state: DetectorState, key: str, packed: int, event_ts: float, kind: str) -> int:
+        """Count an instance record of origin ``kind``, advance stream time, touch its session: the slot."""
+        counters = self.counters
+        counters.instance_records += 1
+        by_origin = counters.origin
+        by_origin[kind] = by_origin.get(kind, 0) + 1  # type: ignore[index,union-attr]
+        if event_ts > state.stream_time:
+            state.stream_time = event_ts
+        return state.touch(key, packed)
+
+    def _conclude(
+        self, state: DetectorState, s: int, key: str, home: str, origin: Any, delivery: str | None,
+        record: Any, identity: Any, event_ts: float,
+    ) -> list[FindingChange]:  # fmt: skip
+        """The decision (SPEC §5) for a touched session, and the finding it opens or updates."""
+        ix = state.sessions
         verdict = self._decide(ix, s, origin, home)
         if verdict is None:
             return []

@@ -1,0 +1,185 @@
+"""The engine's fast path (``Engine.apply_fast`` on a ``FastRecord``) decides exactly as the reference
+path (``Engine.apply`` on the full record): a model test over random record sequences.
+
+The sequences hit what the fast path inlines or memoizes: the origin memo (plain addresses, VPC
+endpoints with and without an owner account, services, an address that is not one), a registry or AWS
+ranges replaced mid-stream, the newest access key again and rotations, ``ec2RoleDelivery`` values,
+first-use addresses, the inlined touch of a live session (with sessions idle past the TTL, evicted by
+the LRU cap, sweeps, change tracking), issuance records and duplicate eventIDs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detector.core.addresses import AddressIndex
+from detector.core.engine import Engine, MalformedRecord
+from detector.core.findings import render
+from detector.core.records import SKIPPED, FastDecoder, FastRecord
+from detector.core.registry import registry_from_mapping
+from detector.core.state import DetectorState, EngineConfig
+
+HOME1, HOME2, OTHER = "111111111111", "222222222222", "333333333333"
+VPCE_HOME1, VPCE_OTHER, VPCE_UNKNOWN = "vpce-0a1b2c3d4e5f60718", "vpce-1234567890abcdef0", "vpce-99999999"
+
+REGISTRY_A = registry_from_mapping(
+    {
+        "accounts": {
+            HOME1: {"name": "prod", "cidrs": ["203.0.113.0/28"], "vpc_endpoints": [VPCE_HOME1]},
+            HOME2: {"name": "ci", "trusted": True},
+            OTHER: {"name": "partner", "affiliated": False, "cidrs": ["198.18.0.0/24"], "vpc_endpoints": [VPCE_OTHER]},
+        },
+        "expected_networks": [{"cidr": "198.51.100.0/24", "accounts": [HOME1]}, {"cidr": "192.0.2.0/28"}],
+    }
+)
+# The same accounts, judged differently: the origin memo must follow the swap.
+REGISTRY_B = registry_from_mapping(
+    {
+        "accounts": {
+            HOME1: {"name": "prod", "trusted": True, "vpc_endpoints": [VPCE_OTHER]},
+            OTHER: {"name": "partner", "cidrs": ["203.0.113.0/28"]},
+        },
+        "expected_networks": [{"cidr": "52.94.76.0/24"}],
+    }
+)
+RANGES_SMALL = AddressIndex([("52.94.0.0/16", "AMAZON"), ("2600:1f18::/32", "EC2")])
+
+SOURCES = [
+    "52.94.76.1", "52.94.76.2", "54.198.90.68", "::ffff:52.94.76.1", "52.94.76.1", "52.94.76.2", "2600:1f18::1", "2600:1f18::2",
+    "185.220.101.4", "10.0.0.7", "203.0.113.5", "198.51.100.7", "192.0.2.3", "198.18.0.9",
+    "s3.amazonaws.com", "AWS Internal", "not-an-address", None, 7, "",
+]  # fmt: skip
+VPCES = [None, None, None, None, None, None, VPCE_HOME1, VPCE_OTHER, VPCE_UNKNOWN, "not-a-vpce", 3]
+VPCE_ACCOUNTS = [None, None, HOME1, OTHER, "12345", 5, ["x"]]
+INVOKED = [None, None, None, None, None, "", "lambda.amazonaws.com"]
+ACCESS_KEYS = [None, "ASIAAAAAAAAAAAAAAAA1", "ASIAAAAAAAAAAAAAAAA1", "ASIABBBBBBBBBBBBBBB2", "ASIAshort", 9, "ASIAÉÉÉÉÉÉÉÉÉÉÉÉÉÉÉ"]
+DELIVERIES = [None, "1.0", "2.0", "2.0", "3.0", 4]
+EVENT_IDS = [None, "e-1", "e-2", "e-3", 12]
+ROLES = [(HOME1, "web"), (HOME2, "ci-runner"), ("444444444444", "batch"), ("444444444444", "batch"), (OTHER, "web")]
+INSTANCES = ["i-0123456789abcdef0", "i-89abcdef", "i-0123456789abcdef0", "i-00000000000000001"]
+
+STEP = st.tuples(
+    st.integers(0, 9),  # kind: mostly instance records, some issuance, some others, a registry/ranges swap
+    st.integers(0, len(ROLES) - 1),
+    st.integers(0, len(INSTANCES) - 1),
+    st.integers(0, len(SOURCES) - 1),
+    st.integers(0, len(VPCES) - 1),
+    st.integers(0, len(VPCE_ACCOUNTS) - 1),
+    st.integers(0, len(INVOKED) - 1),
+    st.integers(0, len(ACCESS_KEYS) - 1),
+    st.integers(0, len(DELIVERIES) - 1),
+    st.integers(0, len(EVENT_IDS) - 1),
+    st.sampled_from([0, 0, 1, 30, -20, 700, 5000]),  # seconds since the previous record
+)
+
+
+def make_record(step: tuple[int, ...], now: float) -> dict[str, Any]:
+    kind, role_i, inst_i, src_i, vpce_i, vacct_i, inv_i, ak_i, dl_i, eid_i, _ = step
+    account, role = ROLES[role_i]
+    instance = INSTANCES[inst_i]
+    event_time = f"2026-05-04T{int(now) // 3600 % 24:02d}:{int(now) // 60 % 60:02d}:{int(now) % 60:02d}Z"
+    if kind == 8:  # EC2 issuing credentials
+        return {
+            "eventVersion": "1.08",
+            "userIdentity": {"type": "AWSService", "invokedBy": "ec2.amazonaws.com"},
+            "eventTime": event_time,
+            "eventName": "AssumeRole",
+            "sourceIPAddress": "ec2.amazonaws.com",
+            "requestParameters": {"roleArn": f"arn:aws:iam::{account}:role/{role}", "roleSessionName": instance},
+            "responseElements": {"credentials": {"accessKeyId": ACCESS_KEYS[ak_i], "sessionToken": "IQoJ"}},
+        }
+    identity: dict[str, Any] = {
+        "type": "AssumedRole" if kind != 7 else "IAMUser",
+        "principalId": f"AROAEXAMPLE:{instance}",
+        "arn": f"arn:aws:sts::{account}:assumed-role/{role}/{instance}",
+    }
+    for name, value in (("invokedBy", INVOKED[inv_i]), ("accessKeyId", ACCESS_KEYS[ak_i])):
+        if value is not None:
+            identity[name] = value
+    if DELIVERIES[dl_i] is not None:
+        identity["sessionContext"] = {"ec2RoleDelivery": DELIVERIES[dl_i]}
+    record: dict[str, Any] = {
+        "eventVersion": "1.10",
+        "userIdentity": identity,
+        "eventTime": event_time,
+        "eventSource": "s3.amazonaws.com",
+        "eventName": "GetObject",
+        "awsRegion": "eu-west-1",
+        "sourceIPAddress": SOURCES[src_i],
+    }
+    for name, value in (
+        ("vpcEndpointId", VPCES[vpce_i]),
+        ("vpcEndpointAccountId", VPCE_ACCOUNTS[vacct_i]),
+        ("eventID", EVENT_IDS[eid_i]),
+    ):
+        if value is not None:
+            record[name] = value
+    return record
+
+
+def fast_record(record: dict[str, Any]) -> FastRecord:
+    raw = json.dumps({"detail-type": "AWS API Call via CloudTrail", "detail": record}).encode()  # ASCII
+    result = FastDecoder().decode_line(raw)
+    assert result is not None and result is not SKIPPED
+    return result  # type: ignore[return-value]
+
+
+def snapshot(engine: Engine, state: DetectorState) -> Any:
+    return (
+        [(key, session.to_data()) for key, session in state.sessions.items()],
+        {gid: group.to_data() for gid, group in state.groups.items()},
+        (engine.counters.records, engine.counters.instance_records, engine.counters.issuance_records),
+        dict(engine.counters.origin or {}),
+        (state.stream_time, state.expired, state.evicted, state.created),
+        (sorted(state.changed), sorted(state.removed)),
+    )
+
+
+def apply(engine: Engine, state: DetectorState, record: Any, fast: bool) -> Any:
+    try:
+        changes = engine.apply_fast(state, record) if fast else engine.apply(state, record)
+    except MalformedRecord as exc:
+        return ("malformed", exc.reason)
+    return [(render(c.group), c.new) for c in changes]
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(STEP, min_size=5, max_size=80), track=st.booleans(), aws_ranges_small=st.booleans())
+def test_apply_fast_decides_as_apply(steps: list[tuple[int, ...]], track: bool, aws_ranges_small: bool, aws_ranges: Any) -> None:
+    config = EngineConfig(session_ttl_seconds=3600.0, max_sessions=3, finding_ttl_seconds=7200.0, max_findings=4)
+    ranges = RANGES_SMALL if aws_ranges_small else aws_ranges
+    reference, fast = Engine(REGISTRY_A, ranges), Engine(REGISTRY_A, ranges)
+    ref_state, fast_state = DetectorState(config, track_changes=track), DetectorState(config, track_changes=track)
+    now = 8 * 3600.0
+    for step in steps:
+        now = max(0.0, now + step[-1])
+        if step[0] == 9:  # replace the registry (and the ranges object): memoized origins must not survive
+            registry = REGISTRY_B if reference.registry is REGISTRY_A else REGISTRY_A
+            other_ranges = aws_ranges if reference.aws_ranges is RANGES_SMALL else RANGES_SMALL
+            for engine in (reference, fast):
+                engine.registry = registry
+                if step[1] == 0:
+                    engine.aws_ranges = other_ranges
+            continue
+        record = make_record(step, now)
+        assert apply(fast, fast_state, fast_record(record), True) == apply(reference, ref_state, record, False)
+        assert snapshot(fast, fast_state) == snapshot(reference, ref_state)
+
+
+def test_a_repeated_session_and_address_is_decided_again_after_eviction(aws_ranges: Any) -> None:
+    """The first-use address of an evicted session is forgotten: the same address becomes the new first use,
+    a different one after it is a finding — on both paths."""
+    config = EngineConfig(max_sessions=1)
+    for fast in (False, True):
+        engine, state = Engine(REGISTRY_A, aws_ranges), DetectorState(config)
+        steps = [(0, 3, 0, 0), (0, 3, 0, 0), (0, 3, 1, 0), (0, 3, 0, 1), (0, 3, 0, 1), (0, 3, 0, 0)]
+        seen = []
+        for i, (kind, role_i, inst_i, src_i) in enumerate(steps):
+            record = make_record((kind, role_i, inst_i, src_i, 0, 0, 0, 1, 2, 0, 0), 8 * 3600.0 + i)
+            seen.append(apply(engine, state, fast_record(record) if fast else record, fast))
+        assert [bool(r) for r in seen] == [False, False, False, False, False, True]
+        assert state.evicted == 2
