@@ -231,10 +231,12 @@ class Replayer:
                 elif result is SKIPPED:
                     summary.skipped += 1
                 else:
-                    identity = result.userIdentity
-                    if identity.type != "AssumedRole" and result.eventName != "AssumeRole":
-                        counted += 1  # Engine.apply_fast would only count it
-                        continue
+                    if result.eventName != "AssumeRole":
+                        identity = result.userIdentity
+                        # Engine.apply_fast would only count it: no instance session ARN without "/i-"
+                        if identity.type != "AssumedRole" or type(identity.arn) is not str or "/i-" not in identity.arn:
+                            counted += 1
+                            continue
                     applied += 1  # feed_fast, inlined: this loop runs once per input line
                     try:
                         changes = apply_fast(state, result)

@@ -208,8 +208,9 @@ class Engine:
         self._addresses: dict[str, tuple[int, int, str | None]] = {}
         self._classes: dict[tuple[int, int], tuple[str | None, Any, bool, bool]] = {}
         self._classes_for: tuple[Registry, AddressIndex[Any]] | None = None
-        # (source address, home account) -> origin tuple of a call with no invokedBy and no VPC endpoint
-        self._origins: dict[tuple[str, str], tuple[str, str | None, str | None, int, int, str | None]] = {}
+        # Origin tuples of calls without invokedBy: (source, home account) without a VPC endpoint,
+        # (source, endpoint, endpoint owner or None) through one. Dropped with the registry or the ranges.
+        self._origins: dict[tuple[Any, ...], tuple[str, str | None, str | None, int, int, str | None]] = {}
         self._origins_for: tuple[Registry, AddressIndex[Any]] | None = None
 
     # --- memo tables -------------------------------------------------------------------------------
@@ -394,19 +395,27 @@ class Engine:
         vpce = record.vpcEndpointId
         if invoked_by:
             origin: tuple[str, str | None, str | None, int, int, str | None] = _SERVICE_ORIGIN
-        elif type(source) is str and not (type(vpce) is str and vpce.startswith("vpce-")):
+        elif type(source) is str:
             registry, ranges = self.registry, self.aws_ranges
+            origins = self._origins
             context = self._origins_for
             if context is None or context[0] is not registry or context[1] is not ranges:
-                self._origins.clear()
+                origins.clear()
                 self._origins_for = (registry, ranges)
-            memo_key = (source, home)
-            hit = self._origins.get(memo_key)
+            vpce_account = None
+            memo_key: tuple[Any, ...] | None
+            if isinstance(vpce, str) and vpce.startswith("vpce-"):  # no home account in this origin
+                vpce_account = record.vpcEndpointAccountId
+                memo_key = (source, vpce, vpce_account) if vpce_account is None or type(vpce_account) is str else None
+            else:
+                memo_key = (source, home)
+            hit = origins.get(memo_key) if memo_key is not None else None
             if hit is None:
-                hit = self._origin(source, None, vpce, None, home)  # raises for a non-address
-                if len(self._origins) >= _CACHE_LIMIT:
-                    self._origins.clear()
-                self._origins[memo_key] = hit
+                hit = self._origin(source, None, vpce, vpce_account, home)  # raises for a non-address
+                if memo_key is not None:
+                    if len(origins) >= _CACHE_LIMIT:
+                        origins.clear()
+                    origins[memo_key] = hit
             origin = hit
         else:
             origin = self._origin(source, invoked_by, vpce, record.vpcEndpointAccountId, home)
