@@ -419,7 +419,14 @@ class Engine:
             origin = hit
         else:
             origin = self._origin(source, invoked_by, vpce, record.vpcEndpointAccountId, home)
-        s = self._enter(state, key, packed, event_ts, origin[0])
+        counters = self.counters  # _enter, inlined
+        counters.instance_records += 1
+        kind = origin[0]
+        by_origin = counters.origin
+        by_origin[kind] = by_origin.get(kind, 0) + 1  # type: ignore[index,union-attr]
+        if event_ts > state.stream_time:
+            state.stream_time = event_ts
+        s = state.touch(key, packed)
         ix = state.sessions
         flags = ix._flags[s]
         access_key = identity.accessKeyId
@@ -446,7 +453,6 @@ class Engine:
             flags = ix._flags[s]
         else:
             delivery = None
-        kind = origin[0]
         if kind == ORIGIN_SERVICE or kind == ORIGIN_EXPECTED:
             return []
         if (
