@@ -183,3 +183,34 @@ def test_a_repeated_session_and_address_is_decided_again_after_eviction(aws_rang
             seen.append(apply(engine, state, fast_record(record) if fast else record, fast))
         assert [bool(r) for r in seen] == [False, False, False, False, False, True]
         assert state.evicted == 2
+
+
+def test_every_ordered_pair_of_origins_on_one_session(aws_ranges: Any) -> None:
+    """Exhaustive over the origins the fast path shortcuts (first-use address, own endpoint, services):
+    a session sees origin a, then b, then a again — both paths agree at every step."""
+    sources = [0, 1, 3, 4, 6, 8, 12]  # AWS v4 twice, mapped v4, AWS v6, outside, registry, service
+    vpces = [0, 6, 7, 8, 9]  # none, own endpoint, partner's, unknown, not an endpoint
+    accounts = [0, 2, 3, 5]  # none, home, partner, not an account
+    variants = [(src, vpce, acct) for src in sources for vpce in vpces for acct in accounts]
+    for role_i in (0, 2):  # an inventoried home account, one without inventory (first use applies)
+        reference, fast = Engine(REGISTRY_A, aws_ranges), Engine(REGISTRY_A, aws_ranges)
+        for a in variants:
+            for b in variants:
+                ref_state, fast_state = DetectorState(), DetectorState()
+                for i, (src, vpce, acct) in enumerate((a, b, a)):
+                    record = make_record((0, role_i, 0, src, vpce, acct, 0, 1, 2, i % 2, 0), 8 * 3600.0 + i)
+                    got = apply(fast, fast_state, fast_record(record), True)
+                    assert got == apply(reference, ref_state, record, False), (a, b, i)
+                assert snapshot(fast, fast_state) == snapshot(reference, ref_state), (a, b)
+
+
+def test_first_use_address_no_longer_trusted_once_the_home_account_is_inventoried(aws_ranges: Any) -> None:
+    for fast in (False, True):
+        engine, state = Engine(REGISTRY_B, aws_ranges), DetectorState()  # REGISTRY_B: HOME1 has no inventory
+        record = make_record((0, 0, 0, 2, 0, 0, 0, 1, 2, 0, 0), 8 * 3600.0)
+        assert apply(engine, state, fast_record(record) if fast else record, fast) == []  # the first use
+        engine.registry = REGISTRY_A  # now HOME1's addresses are known: any other AWS address is a finding
+        outcome = apply(engine, state, fast_record(record) if fast else record, fast)
+        assert [(f["type"], f["service"]["count"]) for f, _ in outcome] == [
+            ("UnauthorizedAccess:IAMUser/InstanceCredentialExfiltration.InsideAWS", 1)
+        ], fast

@@ -28,6 +28,7 @@ from .state import (
     _DELIVERY_SHIFT,
     F_AK,
     F_TOFU4,
+    _ENDPOINTS,
     pack_key,
     parse_session_key,
 )
@@ -463,6 +464,11 @@ class Engine:
             and home not in self.registry.inventoried
         ):
             return []  # the first-use IPv4 address again (what _decide answers, without its call)
+        if kind == ORIGIN_ENDPOINT:
+            owner = origin[1]
+            ep = ix._ep[s]
+            if ep and (owner is None or owner == home) and _ENDPOINTS.values[ep] == (origin[5], owner):
+                return []  # the session's own endpoint again: _decide's add_endpoint would change nothing
         return self._conclude(state, s, key, home, origin, delivery, record, identity, event_ts)
 
     def _session_record(
