@@ -182,7 +182,7 @@ async def test_held_back_updates_pin_the_commit_until_published(broker: Embedded
     """With a one-hour update interval, offsets that changed an open finding stay uncommitted."""
     prefix = unique("pin")
     # small batches, so a group's later records arrive in later batches than the one that opened it
-    s = settings_for(broker.bootstrap, prefix, finding_update_seconds=3600, max_poll_records=10)
+    s = settings_for(broker.bootstrap, prefix, finding_update_seconds=3600, max_poll_records=10, reorder_window_ms=0)
     await create_topics(broker.bootstrap, {s.input_topics: 1})
     service, task = await start(s)
     librdkafka_produce(broker.bootstrap, s.input_topics, world_messages(WORLD))

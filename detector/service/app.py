@@ -146,6 +146,12 @@ class Stage(ABC):
     def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
         """Apply a fetched batch synchronously, queueing its outputs in ``self.outbox``."""
 
+    fetch_timeout_ms = 500
+
+    def holding(self) -> bool:
+        """Whether fetched records wait in the stage (then ``process`` runs even without new ones)."""
+        return False
+
     def commit_bound(self, tp: TopicPartition, processed: int) -> int:
         return processed
 
@@ -173,8 +179,8 @@ class Stage(ABC):
         The commit of the plain path runs outside the lock, so a rebalance never waits on it.
         """
         async with self.lock:
-            if batch:
-                self.process(batch)
+            if batch or self.holding():
+                self.process(batch or {})
             if self.service.transactional:
                 await self.transact(flush_all, partitions)
                 return
@@ -243,7 +249,7 @@ class Stage(ABC):
             service.heartbeat()
             assert self.consumer is not None
             try:
-                batch = await self.consumer.getmany(timeout_ms=500, max_records=settings.max_poll_records)
+                batch = await self.consumer.getmany(timeout_ms=self.fetch_timeout_ms, max_records=settings.max_poll_records)
             except (IllegalStateError, KafkaError) as exc:
                 log.warning("fetch_failed", stage=self.name, error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.5)
@@ -282,10 +288,10 @@ class Stage(ABC):
         self.service.metrics.rebalances.labels("revoked").inc()
         await self.settle(flush_all=True, partitions=revoked & self.assigned)
         self.assigned -= revoked
+        self.dropped(revoked)
         for tp in revoked:
             self.processed.pop(tp, None)
             self.committed.pop(tp, None)
-        self.dropped(revoked)
         self.service.partitions_changed()
         log.info("partitions_revoked", stage=self.name, partitions=sorted(_label(tp) for tp in revoked))
 
@@ -404,6 +410,10 @@ class DetectStage(Stage):
         super().__init__(service, service.settings.detect_group_id)
         self.states: dict[int, DetectorState] = {}
         self.restoring: dict[int, asyncio.Task[None]] = {}
+        self.standby: dict[int, tuple[DetectorState, int]] = {}  # revoked states and their committed offset
+        self.held: dict[TopicPartition, tuple[float, list[Any]]] = {}  # fetched, not yet applied
+        if service.settings.reorder_window_ms > 0:
+            self.fetch_timeout_ms = max(10, min(500, service.settings.reorder_window_ms // 2))
         self.batch_starts: dict[TopicPartition, list[int]] = {}  # first offset of each batch not yet committed past
         self.records_applied = 0
         self.partitions_total = service.settings.state_partitions
@@ -438,7 +448,31 @@ class DetectStage(Stage):
             self.batch_starts[tp] = [start for start in starts if start >= bound]
         return bound
 
+    def holding(self) -> bool:
+        return bool(self.held)
+
     def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Hold fetched records ``reorder_window_ms``, then apply them (see :meth:`_apply`).
+
+        Several route instances write one sessions partition in wall-clock order; holding records a
+        moment lets the records one instance routed late join, in eventTime order, those another routed
+        early — so two instances apply a session's records in the order one would.
+        """
+        window = self.service.settings.reorder_window_ms / 1000.0
+        if self.service.stopping.is_set():
+            window = 0.0  # shutting down: apply whatever is held, so its outputs go out before the commit
+        now = time.monotonic()
+        for tp, messages in batch.items():
+            if tp not in self.held:
+                self.held[tp] = (now, [])
+            self.held[tp][1].extend(messages)
+        due = {tp: msgs for tp, (since, msgs) in self.held.items() if window <= 0 or now - since >= window}
+        for tp in due:
+            del self.held[tp]
+        if due:
+            self._apply(due)
+
+    def _apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
         service = self.service
         m = service.metrics
         apply = service.engine.apply
@@ -544,6 +578,9 @@ class DetectStage(Stage):
 
     def added(self, assigned: set[TopicPartition]) -> None:
         assert self.consumer is not None
+        mine = {tp.partition for tp in self.assigned}
+        for partition in [p for p in self.standby if p not in mine]:
+            del self.standby[partition]  # moved to another member for good
         fresh = [tp for tp in assigned if tp.partition not in self.states and tp.partition not in self.restoring]
         if not fresh:
             return
@@ -556,12 +593,18 @@ class DetectStage(Stage):
         gids = []
         for tp in revoked:
             self.batch_starts.pop(tp, None)
+            self.held.pop(tp, None)  # never applied nor committed: the next owner consumes them
             task = self.restoring.pop(tp.partition, None)
             if task is not None:
                 task.cancel()
             state = self.states.pop(tp.partition, None)
             if state is not None:
                 gids.extend(state.groups)
+                committed = self.committed.get(tp)
+                if committed is not None and self.processed.get(tp, committed) == committed:
+                    # Eager rebalancing revokes everything, then assigns most of it back: keep the state
+                    # so that an unchanged assignment does not restore from the changelog again.
+                    self.standby[tp.partition] = (state, committed)
         self.service.publisher.forget(gids)
         self.service.metrics.restoring_partitions.set(len(self.restoring))
 
@@ -573,11 +616,16 @@ class DetectStage(Stage):
         try:
             assert self.consumer is not None
             committed = await self.consumer.committed(tp) or 0
-            state = self.new_state()
-            restored, skipped = await restore_partition(
-                service.settings, partition, committed, state, on_batch=service.metrics.restored_records.inc
-            )
+            kept = self.standby.pop(partition, None)
+            if kept is not None and kept[1] == committed:  # nobody else consumed it since we let it go
+                state, restored, skipped = kept[0], 0, 0
+            else:
+                state = self.new_state()
+                restored, skipped = await restore_partition(
+                    service.settings, partition, committed, state, on_batch=service.metrics.restored_records.inc
+                )
             self.states[partition] = state
+            self.committed.setdefault(tp, committed)
         except asyncio.CancelledError:
             log.info("restore_cancelled", partition=_label(tp))
             raise
@@ -597,6 +645,7 @@ class DetectStage(Stage):
             findings=len(state.groups),
             changelog_records=restored,
             skipped_uncommitted=skipped,
+            kept_in_memory=kept is not None and state is kept[0],
             committed_offset=committed,
             seconds=round(elapsed, 3),
         )

@@ -254,6 +254,12 @@ class Settings(BaseSettings):
         "as `sessions_topic`. Restored on partition assignment.",
         json_schema_extra={"doc_default": "`<group_id>.changelog`"},
     )
+    reorder_window_ms: int = Field(
+        200, ge=0, le=10_000,
+        description="How long the detection stage holds fetched records before applying them in eventTime order "
+        "across source partitions, so that instances routing in parallel apply a session's records in the order "
+        "one instance would (trust on first use depends on it). Adds this much latency; 0 disables.",
+    )
     state_partitions: int = Field(
         6, ge=1, description="Partitions of the internal topics when the detector creates them (the unit of scale-out)."
     )
