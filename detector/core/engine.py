@@ -360,32 +360,17 @@ class Engine:
         counters = self.counters
         counters.records += 1
         identity = record.userIdentity
-        if identity.type == "AssumedRole":
-            arn = identity.arn
-            if type(arn) is str:
-                parsed = self._arns.get(arn, _MISS)
-                if parsed is _MISS:
-                    parsed = self._session_arn(arn)
-                if parsed is not None:
-                    return self._instance_fast(state, arn, parsed, record, identity)  # type: ignore[arg-type]
-        if record.eventName == "AssumeRole" and identity.invokedBy == "ec2.amazonaws.com":
-            params = record.requestParameters
-            if params is not None:
-                issued = issuance_key(params.roleSessionName, params.roleArn)
-                if issued is not None:
-                    access_key = None
-                    response = record.responseElements
-                    if response is not None and response.credentials is not None:
-                        access_key = response.credentials.accessKeyId
-                        if not isinstance(access_key, str):
-                            access_key = None
-                    self._enrich(state, record.eventTime, issued[0], issued[1], access_key)
-        return []
-
-    def _instance_fast(
-        self, state: DetectorState, key: str, parsed: tuple[int, str, str, str, str], record: Any, identity: Any
-    ) -> list[FindingChange]:
-        """:meth:`_session_record` for a ``FastRecord``, with the common cases inlined."""
+        arn = identity.arn
+        parsed = None
+        if identity.type == "AssumedRole" and type(arn) is str:
+            parsed = self._arns.get(arn, _MISS)
+            if parsed is _MISS:
+                parsed = self._session_arn(arn)
+        if parsed is None:
+            if record.eventName == "AssumeRole" and identity.invokedBy == "ec2.amazonaws.com":
+                self._issuance_fast(state, record, identity)
+            return []
+        # An instance session: the common cases inlined.
         packed, _, home, _, _ = parsed
         event_time = record.eventTime
         event_ts = self._times.get(event_time) if type(event_time) is str else None
@@ -420,14 +405,14 @@ class Engine:
             origin = hit
         else:
             origin = self._origin(source, invoked_by, vpce, record.vpcEndpointAccountId, home)
-        counters = self.counters  # _enter, inlined
+        # _enter, inlined:
         counters.instance_records += 1
         kind = origin[0]
         by_origin = counters.origin
         by_origin[kind] = by_origin.get(kind, 0) + 1  # type: ignore[index,union-attr]
         if event_ts > state.stream_time:
             state.stream_time = event_ts
-        s = state.touch(key, packed)
+        s = state.touch(arn, packed)
         ix = state.sessions
         flags = ix._flags[s]
         access_key = identity.accessKeyId
@@ -469,7 +454,21 @@ class Engine:
             ep = ix._ep[s]
             if ep and (owner is None or owner == home) and _ENDPOINTS.values[ep] == (origin[5], owner):
                 return []  # the session's own endpoint again: _decide's add_endpoint would change nothing
-        return self._conclude(state, s, key, home, origin, delivery, record, identity, event_ts)
+        return self._conclude(state, s, arn, home, origin, delivery, record, identity, event_ts)
+
+    def _issuance_fast(self, state: DetectorState, record: Any, identity: Any) -> None:
+        """EC2's own ``AssumeRole`` (a ``FastRecord``): enrich the session it issues credentials for."""
+        params = record.requestParameters
+        if params is not None:
+            issued = issuance_key(params.roleSessionName, params.roleArn)
+            if issued is not None:
+                access_key = None
+                response = record.responseElements
+                if response is not None and response.credentials is not None:
+                    access_key = response.credentials.accessKeyId
+                    if not isinstance(access_key, str):
+                        access_key = None
+                self._enrich(state, record.eventTime, issued[0], issued[1], access_key)
 
     def _session_record(
         self,
