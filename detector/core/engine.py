@@ -253,8 +253,9 @@ class Engine:
         return hit
 
     def _classify(self, family: int, value: int) -> tuple[str | None, Any, bool, bool]:
-        """``(registry owner, expected-network payload, in AWS ranges, global)`` of an address; dropped
-        whenever ``registry`` or ``aws_ranges`` is replaced."""
+        """``(registry owner, expected-network payload, in AWS ranges, global)`` of an address (global
+        is computed only for an address neither owned nor in AWS's ranges, the only case that reads
+        it; else False); dropped whenever ``registry`` or ``aws_ranges`` is replaced."""
         memo = self._classes
         registry, ranges = self.registry, self.aws_ranges
         context = self._classes_for
@@ -264,11 +265,14 @@ class Engine:
         key = (family, value)
         hit = memo.get(key)
         if hit is None:
+            owner = registry.owners.lookup(family, value)
+            in_aws = ranges.lookup(family, value) is not None
             hit = (
-                registry.owners.lookup(family, value),
+                owner,
                 registry.expected.lookup(family, value),
-                ranges.lookup(family, value) is not None,
-                is_global(family, value),
+                in_aws,
+                # only read when the address is neither owned nor in AWS's ranges: ipaddress is slow
+                owner is None and not in_aws and is_global(family, value),
             )
             if len(memo) >= _CACHE_LIMIT:
                 memo.clear()
