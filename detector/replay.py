@@ -185,7 +185,6 @@ class Replayer:
         decode_line = fast.decode_line
         as_record = fast._as_record
         eventbridge = fast._eventbridge.decode
-        feed_fast = self.feed_fast
         feed_raw = self.feed_raw
         apply_fast = self.engine.apply_fast
         counters = self.engine.counters
@@ -194,19 +193,21 @@ class Replayer:
         summary = self.summary
         rest = b""
         while True:
-            block = handle.read(BLOCK)
-            if not block:
+            data = handle.read(BLOCK)
+            if not data:
                 break
-            data = rest + block if rest else block
             end = data.rfind(b"\n")
             if end < 0:
-                rest = data
+                rest += data
                 continue
+            pos = 0
+            if rest:  # the line cut at the previous block's end (no copy of this block to join it)
+                pos = data.find(b"\n") + 1
+                self._feed_line(rest + data[: pos - 1], decode_line)
             rest = data[end + 1 :]
             ascii_ok = data.isascii() and fast_ok()
             view = memoryview(data)
             find = data.find
-            pos = 0
             counted = 0  # records that cannot matter: counted here, not passed to the engine
             applied = 0
             while pos <= end:
@@ -248,12 +249,16 @@ class Replayer:
             summary.records += counted + applied
             counters.records += counted
             view.release()
-        if rest.strip():
-            result = decode_line(rest) if rest.isascii() and fast_ok() else None
+        self._feed_line(rest, decode_line)
+
+    def _feed_line(self, raw: bytes, decode_line: Any) -> None:
+        """One JSON Lines input outside the block loop (cut across blocks, or the last one)."""
+        if raw.strip():
+            result = decode_line(raw) if raw.isascii() and fast_ok() else None
             if result is None:
-                feed_raw(rest)
+                self.feed_raw(raw)
             else:
-                feed_fast(result)
+                self.feed_fast(result)
 
     def _feed_file(self, name: str) -> None:
         handle = _open(name)

@@ -392,3 +392,24 @@ def test_replay_fast_path_equals_reference_on_a_messy_stream(sample_world: Any, 
 def test_replay_fast_path_equals_reference_on_cloudtrail_log_files(invictus_dir: Path, aws_ranges: Any) -> None:
     inputs = [str(invictus_dir)]
     assert fast_replay(Engine(aws_ranges=aws_ranges), inputs) == reference_replay(Engine(aws_ranges=aws_ranges), inputs)
+
+
+@pytest.mark.parametrize("block", [64, 1000, 4096])
+def test_replay_fast_path_equals_reference_with_lines_cut_across_blocks(
+    block: int, sample_world: Any, engine_parts: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines longer than a block, lines cut at every position, blank and CRLF lines at block edges."""
+    import detector.replay
+
+    registry, ranges = engine_parts
+    rng = random.Random(block)
+    lines = sample_lines(sample_world)[:300]
+    for _ in range(20):
+        lines.insert(rng.randrange(len(lines)), rng.choice([b"", b"  ", b"\r", b"{}", b"not json"]))
+    body = b"\n".join(lines) + b"\n"
+    (tmp_path / "a.jsonl").write_bytes(body)
+    (tmp_path / "b.jsonl").write_bytes(body.replace(b"\n", b"\r\n")[:-2])  # no final newline
+    inputs = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    expected = reference_replay(Engine(registry, ranges), inputs)
+    monkeypatch.setattr(detector.replay, "BLOCK", block)
+    assert fast_replay(Engine(registry, ranges), inputs) == expected
