@@ -255,7 +255,7 @@ class Settings(BaseSettings):
         json_schema_extra={"doc_default": "`<group_id>.changelog`"},
     )
     reorder_window_ms: int = Field(
-        200, ge=0, le=10_000,
+        1000, ge=0, le=10_000,
         description="How long the detection stage holds fetched records before applying them in eventTime order "
         "across source partitions, so that instances routing in parallel apply a session's records in the order "
         "one instance would (trust on first use depends on it). Adds this much latency; 0 disables.",
