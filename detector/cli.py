@@ -194,7 +194,7 @@ class SettingsCommand(click.Command):
 
 @cli.command(cls=SettingsCommand, context_settings={"show_default": False})
 def run(**kwargs: object) -> None:
-    """Run the service: consume CloudTrail from Kafka, publish findings (SPEC §9).
+    """Run the service: consume CloudTrail from Kafka, publish GuardDuty-shaped findings.
 
     Every setting is a flag, a DETECTOR_* environment variable and a key of the TOML --config file
     (precedence: defaults < file < environment < flags).
