@@ -403,3 +403,19 @@ async def test_broker_lost_mid_run_service_keeps_retrying_and_recovers() -> None
             await asyncio.wait_for(task, timeout=30)
         await proxy.cut()
         backend.stop()
+
+
+async def test_eventbridge_envelope_option_wraps_findings_keyed_by_id(broker: EmbeddedBroker) -> None:
+    prefix = unique("envelope")
+    s = settings_for(broker.bootstrap, prefix, eventbridge_envelope=True)
+    await create_topics(broker.bootstrap, {s.input_topics: 1})
+    librdkafka_produce(broker.bootstrap, s.input_topics, world_messages(WORLD))
+    service, task = await start(s)
+    await wait_consumed(service, world_records_total())
+    assert await stop(service, task) == 0
+    messages = await read_topic(broker.bootstrap, s.findings_topic)
+    events = [orjson.loads(m.value) for m in messages]
+    assert events and all(e["detail-type"] == "GuardDuty Finding" and e["version"] == "0" for e in events)
+    assert all(m.key == e["detail"]["id"].encode() and e["account"] == e["detail"]["accountId"] for m, e in zip(messages, events))
+    latest = latest_findings(messages)  # unwraps the envelope
+    assert sorted(finding_key(f) for f in latest.values()) == EXPECTED
