@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import mmap
+import multiprocessing
+import os
+import signal
 import sys
 import zlib
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -28,6 +33,7 @@ from .core.state import DetectorState, FindingGroup
 
 INPUT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 BLOCK = 1 << 20  # bytes read at a time from a JSON Lines input
+SPLIT_MIN_BYTES = 4 << 20  # smallest plain JSON Lines file replayed in two processes (jobs >= 2)
 
 
 class InputError(Exception):
@@ -119,12 +125,134 @@ def iter_inputs(name: str) -> Iterator[Decoded]:
             handle.close()
 
 
+def default_jobs() -> int:
+    """2 (a split replay) when this process may run on two CPUs or more, else 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return 2 if cpus >= 2 else 1
+
+
+def scan_lines(
+    read: Callable[[int], bytes],
+    fast: FastDecoder,
+    take: Callable[[Any, FastRecord | str | None, int, int], None],
+    tally: Callable[[int, int], None],
+) -> None:
+    """Read JSON Lines in blocks of ``BLOCK`` bytes, cut them at newlines and sort every line.
+
+    Each line is decoded by ``fast`` (its EventBridge shape inlined). A line that is another
+    EventBridge event, or a CloudTrail record that cannot matter (not ``AssumeRole``, and no
+    ``AssumedRole`` ARN containing ``/i-``: :meth:`Engine.apply_fast` would only count it), is only
+    counted: ``tally(skipped, counted)`` once per block. Every other line goes to
+    ``take(line, result, start, end)`` in input order, with the decoder's result (a record,
+    ``SKIPPED``, or ``None`` when the line needs the reference decode) and its offsets in the input.
+    Lines are memoryviews of the block (no copy), except one cut across two blocks (joined bytes).
+    """
+    eventbridge = fast._eventbridge.decode
+    as_record = fast._as_record
+    decode_line = fast.decode_line
+    base = 0  # input offset of the current block
+    rest = b""  # the unfinished line at the end of the previous blocks
+    rest_start = 0
+    while True:
+        data = read(BLOCK)
+        if not data:
+            break
+        end = data.rfind(b"\n")
+        if end < 0:
+            if not rest:
+                rest_start = base
+            rest += data
+            base += len(data)
+            continue
+        pos = 0
+        if rest:  # the line cut at the previous block's end (no copy of this block to join it)
+            pos = data.find(b"\n") + 1
+            line = rest + data[: pos - 1]
+            take(line, decode_line(line) if line.isascii() and fast_ok() else None, rest_start, base + pos - 1)
+        rest = data[end + 1 :]
+        rest_start = base + end + 1
+        ascii_ok = data.isascii() and fast_ok()
+        view = memoryview(data)
+        find = data.find
+        skipped = counted = 0
+        while pos <= end:
+            nl = find(b"\n", pos, end + 1)
+            line = view[pos:nl]
+            start = pos
+            pos = nl + 1
+            if not ascii_ok and not line.tobytes().isascii():
+                result = None
+            elif fast._eventbridge_first:  # FastDecoder.decode_line, inlined for the usual shape
+                try:
+                    env = eventbridge(line)
+                except _FAST_ERRORS:
+                    result = as_record(line, True)
+                else:
+                    if env.detail_type not in CLOUDTRAIL_DETAIL_TYPES:
+                        skipped += 1
+                        continue
+                    result = env.detail
+            else:
+                result = decode_line(line)
+                if result is SKIPPED:
+                    skipped += 1
+                    continue
+            if result is not None and result.eventName != "AssumeRole":
+                identity = result.userIdentity
+                if identity.type != "AssumedRole" or type(identity.arn) is not str or "/i-" not in identity.arn:
+                    counted += 1
+                    continue
+            take(line, result, base + start, base + nl)
+        view.release()
+        tally(skipped, counted)
+        base += len(data)
+    if rest:
+        take(rest, decode_line(rest) if rest.isascii() and fast_ok() else None, rest_start, base)
+
+
+def _scan_process(fd: int, size: int, sender: Any) -> None:
+    """The scanner of a split replay (a forked process): :func:`scan_lines` over the first ``size``
+    bytes of the open file ``fd`` (inherited; read with ``pread``, so no file position is shared).
+    Sends ``(skipped, counted, offsets)`` per block — ``offsets`` the start and end of every line to
+    apply, as the bytes of an ``array("q")`` — then ``None``; on an error, its message instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the parent's to report
+    spans = array("q")
+    offset = 0
+
+    def read(n: int) -> bytes:
+        nonlocal offset
+        data = os.pread(fd, min(n, size - offset), offset)
+        offset += len(data)
+        return data
+
+    def take(line: Any, result: Any, start: int, end: int) -> None:
+        spans.append(start)
+        spans.append(end)
+
+    def tally(skipped: int, counted: int) -> None:
+        sender.send((skipped, counted, spans.tobytes()))
+        del spans[:]
+
+    try:
+        scan_lines(read, FastDecoder(), take, tally)
+        tally(0, 0)
+        sender.send(None)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises InputError
+        sender.send(f"{type(exc).__name__}: {exc}")
+    finally:
+        sender.close()
+
+
 class Replayer:
     """Drives the core over decoded inputs and keeps the final state of every finding group."""
 
-    def __init__(self, engine: Engine, state: DetectorState | None = None) -> None:
+    def __init__(self, engine: Engine, state: DetectorState | None = None, jobs: int = 1) -> None:
         self.engine = engine
         self.state = state or DetectorState()
+        self.jobs = jobs
         self.summary = Summary()
         self.final: dict[str, FindingGroup] = {}
 
@@ -180,92 +308,83 @@ class Replayer:
             self.engine.counters.records += count
         self.feed(decoded)
 
-    def _feed_lines(self, handle: IO[bytes]) -> None:
-        fast = FastDecoder()
-        decode_line = fast.decode_line
-        as_record = fast._as_record
-        eventbridge = fast._eventbridge.decode
-        feed_raw = self.feed_raw
-        apply_fast = self.engine.apply_fast
-        counters = self.engine.counters
-        state = self.state
-        final = self.final
-        summary = self.summary
-        rest = b""
-        while True:
-            data = handle.read(BLOCK)
-            if not data:
-                break
-            end = data.rfind(b"\n")
-            if end < 0:
-                rest += data
-                continue
-            pos = 0
-            if rest:  # the line cut at the previous block's end (no copy of this block to join it)
-                pos = data.find(b"\n") + 1
-                self._feed_line(rest + data[: pos - 1], decode_line)
-            rest = data[end + 1 :]
-            ascii_ok = data.isascii() and fast_ok()
-            view = memoryview(data)
-            find = data.find
-            counted = 0  # records that cannot matter: counted here, not passed to the engine
-            applied = 0
-            while pos <= end:
-                nl = find(b"\n", pos, end + 1)
-                line = view[pos:nl]
-                pos = nl + 1
-                if not ascii_ok and not line.tobytes().isascii():
-                    result = None
-                elif fast._eventbridge_first:  # FastDecoder.decode_line, inlined for the usual shape
-                    try:
-                        env = eventbridge(line)
-                    except _FAST_ERRORS:
-                        result = as_record(line, True)
-                    else:
-                        result = env.detail if env.detail_type in CLOUDTRAIL_DETAIL_TYPES else SKIPPED
-                else:
-                    result = decode_line(line)
-                if result is None:
-                    raw = line.tobytes()
-                    if raw.strip():
-                        feed_raw(raw)
-                elif result is SKIPPED:
-                    summary.skipped += 1
-                else:
-                    if result.eventName != "AssumeRole":
-                        identity = result.userIdentity
-                        # Engine.apply_fast would only count it: no instance session ARN without "/i-"
-                        if identity.type != "AssumedRole" or type(identity.arn) is not str or "/i-" not in identity.arn:
-                            counted += 1
-                            continue
-                    applied += 1  # feed_fast, inlined: this loop runs once per input line
-                    try:
-                        changes = apply_fast(state, result)
-                    except MalformedRecord as exc:
-                        self._malformed(exc.reason)
-                        continue
-                    for change in changes:
-                        final[change.group.id] = change.group
-            summary.records += counted + applied
-            counters.records += counted
-            view.release()
-        self._feed_line(rest, decode_line)
-
-    def _feed_line(self, raw: bytes, decode_line: Any) -> None:
-        """One JSON Lines input outside the block loop (cut across blocks, or the last one)."""
-        if raw.strip():
-            result = decode_line(raw) if raw.isascii() and fast_ok() else None
-            if result is None:
+    def _take(self, line: Any, result: FastRecord | str | None, start: int, end: int) -> None:
+        """A line :func:`scan_lines` passes on: the fast decoder's result, or the reference decode."""
+        if result is None:
+            raw = bytes(line)
+            if raw.strip():
                 self.feed_raw(raw)
-            else:
-                self.feed_fast(result)
+        else:
+            self.feed_fast(result)
+
+    def _tally(self, skipped: int, counted: int) -> None:
+        """Lines :func:`scan_lines` only counted: other EventBridge events, records that cannot matter."""
+        self.summary.skipped += skipped
+        self.summary.records += counted
+        self.engine.counters.records += counted
+
+    def _feed_lines(self, handle: IO[bytes]) -> None:
+        scan_lines(handle.read, FastDecoder(), self._take, self._tally)
+
+    def _feed_lines_split(self, name: str, handle: BinaryIO, size: int) -> None:
+        """:meth:`_feed_lines` for a plain file, in two processes: a forked scanner decodes and sorts
+        every line (:func:`scan_lines`) and sends the offsets of the lines that need the engine; this
+        process decodes those again from a shared mapping of the file and applies them in order."""
+        context = multiprocessing.get_context("fork")
+        receiver, sender = context.Pipe(duplex=False)
+        fd = handle.fileno()
+        scanner = context.Process(target=_scan_process, args=(fd, size, sender), name="detector-scan", daemon=True)
+        scanner.start()
+        sender.close()
+        decode_line = FastDecoder().decode_line
+        take = self._take
+        try:
+            with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
+                while True:
+                    try:
+                        message = receiver.recv()
+                    except EOFError:
+                        scanner.join()
+                        raise InputError(f"{name}: the line scanner stopped (exit code {scanner.exitcode})") from None
+                    if message is None:
+                        break
+                    if isinstance(message, str):
+                        raise InputError(f"{name}: cannot read ({message})")
+                    skipped, counted, spans = message
+                    self._tally(skipped, counted)
+                    offsets = array("q")
+                    offsets.frombytes(spans)
+                    ok = fast_ok()
+                    for i in range(0, len(offsets), 2):
+                        raw = data[offsets[i] : offsets[i + 1]]
+                        take(raw, decode_line(raw) if ok and raw.isascii() else None, 0, 0)
+        finally:
+            receiver.close()
+            if scanner.is_alive():
+                scanner.terminate()
+            scanner.join()
+
+    def _split_size(self, name: str, handle: BinaryIO) -> int:
+        """The size of ``name`` when it is to be replayed in two processes (:meth:`_feed_lines_split`):
+        ``jobs`` >= 2, a plain file (not standard input, not gzip) of at least ``SPLIT_MIN_BYTES``,
+        and ``fork`` available; else 0."""
+        if self.jobs < 2 or name == "-" or not isinstance(handle, io.BufferedReader):
+            return 0
+        if "fork" not in multiprocessing.get_all_start_methods():
+            return 0
+        size = os.fstat(handle.fileno()).st_size
+        return size if size >= SPLIT_MIN_BYTES else 0
 
     def _feed_file(self, name: str) -> None:
         handle = _open(name)
         try:
             lowered = name.lower()
             if name == "-" or lowered.endswith((".jsonl", ".jsonl.gz")):
-                self._feed_lines(handle)
+                size = self._split_size(name, handle)
+                if size:
+                    self._feed_lines_split(name, handle, size)
+                else:
+                    self._feed_lines(handle)
                 return
             data = handle.read()
             records = FastDecoder().decode_document(data)
