@@ -73,12 +73,15 @@ class FindingChange:
 @dataclass(slots=True)
 class Counters:
     records: int = 0
-    instance_records: int = 0
     issuance_records: int = 0
-    origin: dict[str, int] | None = None
+    origin: dict[str, int] | None = None  # instance-credential records by origin kind
 
     def __post_init__(self) -> None:
         self.origin = {}
+
+    @property
+    def instance_records(self) -> int:
+        return sum(self.origin.values())  # type: ignore[union-attr]
 
 
 def parse_event_time(value: Any) -> float:
@@ -201,18 +204,38 @@ class Engine:
     """
 
     def __init__(self, registry: Registry = EMPTY_REGISTRY, aws_ranges: AddressIndex[Any] | None = None) -> None:
-        self.registry = registry
-        self.aws_ranges: AddressIndex[Any] = aws_ranges if aws_ranges is not None else AddressIndex()
         self.counters = Counters()
         self._arns: dict[str, tuple[int, str, str, str, str] | None] = {}
         self._times: dict[str, float] = {}
         self._addresses: dict[str, tuple[int, int, str | None]] = {}
+        # Classifications of addresses against the registry and the ranges; origin tuples of calls
+        # without invokedBy: (source, home account) without a VPC endpoint, (source, endpoint,
+        # endpoint owner or None) through one. Both are dropped whenever the registry or the ranges
+        # are replaced (the setters below), so a reload takes effect at the next record.
         self._classes: dict[tuple[int, int], tuple[str | None, Any, bool, bool]] = {}
-        self._classes_for: tuple[Registry, AddressIndex[Any]] | None = None
-        # Origin tuples of calls without invokedBy: (source, home account) without a VPC endpoint,
-        # (source, endpoint, endpoint owner or None) through one. Dropped with the registry or the ranges.
         self._origins: dict[tuple[Any, ...], tuple[str, str | None, str | None, int, int, str | None]] = {}
-        self._origins_for: tuple[Registry, AddressIndex[Any]] | None = None
+        self._registry = registry
+        self._aws_ranges: AddressIndex[Any] = aws_ranges if aws_ranges is not None else AddressIndex()
+
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
+    @registry.setter
+    def registry(self, registry: Registry) -> None:
+        self._registry = registry
+        self._classes.clear()
+        self._origins.clear()
+
+    @property
+    def aws_ranges(self) -> AddressIndex[Any]:
+        return self._aws_ranges
+
+    @aws_ranges.setter
+    def aws_ranges(self, ranges: AddressIndex[Any]) -> None:
+        self._aws_ranges = ranges
+        self._classes.clear()
+        self._origins.clear()
 
     # --- memo tables -------------------------------------------------------------------------------
 
@@ -257,14 +280,10 @@ class Engine:
         is computed only for an address neither owned nor in AWS's ranges, the only case that reads
         it; else False); dropped whenever ``registry`` or ``aws_ranges`` is replaced."""
         memo = self._classes
-        registry, ranges = self.registry, self.aws_ranges
-        context = self._classes_for
-        if context is None or context[0] is not registry or context[1] is not ranges:
-            memo.clear()
-            self._classes_for = (registry, ranges)
         key = (family, value)
         hit = memo.get(key)
         if hit is None:
+            registry, ranges = self._registry, self._aws_ranges
             owner = registry.owners.lookup(family, value)
             in_aws = ranges.lookup(family, value) is not None
             hit = (
@@ -386,12 +405,7 @@ class Engine:
         if invoked_by:
             origin: tuple[str, str | None, str | None, int, int, str | None] = _SERVICE_ORIGIN
         elif type(source) is str:
-            registry, ranges = self.registry, self.aws_ranges
             origins = self._origins
-            context = self._origins_for
-            if context is None or context[0] is not registry or context[1] is not ranges:
-                origins.clear()
-                self._origins_for = (registry, ranges)
             vpce_account = None
             memo_key: tuple[Any, ...] | None
             if isinstance(vpce, str) and vpce.startswith("vpce-"):  # no home account in this origin
@@ -410,7 +424,6 @@ class Engine:
         else:
             origin = self._origin(source, invoked_by, vpce, record.vpcEndpointAccountId, home)
         # _enter, inlined:
-        counters.instance_records += 1
         kind = origin[0]
         by_origin = counters.origin
         by_origin[kind] = by_origin.get(kind, 0) + 1  # type: ignore[index,union-attr]
@@ -450,7 +463,7 @@ class Engine:
             and origin[3] == V4
             and flags & F_TOFU4
             and ix._tofu4[s] == origin[4]
-            and home not in self.registry.inventoried
+            and home not in self._registry.inventoried
         ):
             return []  # the first-use IPv4 address again (what _decide answers, without its call)
         if kind == ORIGIN_ENDPOINT:
@@ -506,7 +519,6 @@ class Engine:
     def _enter(self, state: DetectorState, key: str, packed: int, event_ts: float, kind: str) -> int:
         """Count an instance record of origin ``kind``, advance stream time, touch its session: the slot."""
         counters = self.counters
-        counters.instance_records += 1
         by_origin = counters.origin
         by_origin[kind] = by_origin.get(kind, 0) + 1  # type: ignore[index,union-attr]
         if event_ts > state.stream_time:
