@@ -20,6 +20,7 @@ stream; the benchmark scripts import :func:`write_stream` / :func:`iter_events`.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import ipaddress
 import random
@@ -98,9 +99,20 @@ def _address_in(rng: random.Random, nets: list[ipaddress.IPv4Network]) -> str:
     return str(net.network_address + rng.randrange(1, net.num_addresses - 1))
 
 
+@functools.cache
+def _aws_ranges() -> Any:
+    from detector.ipranges import load
+
+    return load(str(RANGES_SNAPSHOT))[0]
+
+
 def _outside_address(rng: random.Random) -> str:
-    # Residential / VPS ranges well outside AWS's published ranges.
-    return f"{rng.choice((185, 45, 91, 103, 176, 195))}.{rng.randrange(1, 255)}.{rng.randrange(0, 255)}.{rng.randrange(1, 255)}"
+    """A residential / VPS address: drawn again while it falls in AWS's published ranges (a few of these
+    /8s hold AWS prefixes), so every "outside" attack is one the detector must report."""
+    while True:
+        address = f"{rng.choice((185, 45, 91, 103, 176, 195))}.{rng.randrange(1, 255)}.{rng.randrange(0, 255)}.{rng.randrange(1, 255)}"
+        if _aws_ranges().lookup(4, int(ipaddress.IPv4Address(address))) is None:
+            return address
 
 
 @dataclass(slots=True)
