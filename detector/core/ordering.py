@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -36,3 +36,61 @@ def event_time_key(record: object) -> str:
         if isinstance(value, str):
             return value
     return ""
+
+
+class Watermark:
+    """How far in ``eventTime`` every source partition feeding one sessions partition has come.
+
+    The detect stage holds fetched records so that a session's records routed late (another route
+    instance lagging) join those routed early, in eventTime order. Holding every record a fixed window
+    costs that window in latency; but a record can go as soon as every source still delivering has
+    delivered something at least as new: Kafka keeps each source partition's order, so anything older
+    it still has would have come first. ``mark`` is that time: the least of the newest ``eventTime``
+    of each source heard from within ``idle`` seconds. A source silent longer is not waited for: the
+    hold's window still bounds the wait for what it may yet send.
+    """
+
+    __slots__ = ("_sources",)
+
+    def __init__(self, sources: Iterable[object] = (), now: float = 0.0) -> None:
+        # source -> (newest eventTime, last heard). Sources known up front (the input partitions) are
+        # waited for from the start, so a source not heard from yet is not overtaken either.
+        self._sources: dict[object, tuple[str, float]] = {source: ("", now) for source in sources}
+
+    def observe(self, source: object, event_time: str, now: float) -> None:
+        seen = self._sources.get(source)
+        self._sources[source] = (event_time if seen is None or event_time > seen[0] else seen[0], now)
+
+    def mark(self, now: float, idle: float) -> str:
+        """The eventTime every source heard from within ``idle`` seconds has reached ("" when none has)."""
+        sources = self._sources
+        for source in [s for s, (_, heard) in sources.items() if now - heard >= idle]:
+            del sources[source]
+        return min(newest for newest, _ in sources.values()) if sources else ""
+
+
+def releasable(held: Sequence[tuple[float, str, Any]], mark: str, now: float, window: float) -> int:
+    """How many of ``held`` — ``(arrival time, eventTime, ...)`` in offset order — may be applied now.
+
+    Only a prefix (a partition's offsets are committed in order): the leading records at or before
+    ``mark``, or held ``window`` seconds, but no record newer than one that stays held — a record routed
+    late may sit behind one that must wait, and must not be overtaken by a newer one. Records held the
+    window go regardless (as with a plain hold, a record later than that is applied late).
+    """
+    n = forced = 0
+    for arrival, event_time, *_ in held:
+        if now - arrival >= window:
+            forced += 1
+        elif event_time > mark:
+            break
+        n += 1
+    if n == len(held):
+        return n
+    oldest_left = min(entry[1] for entry in held[n:])
+    newest = [held[0][1]] * n  # newest[i]: the newest eventTime of held[: i + 1]
+    for i in range(1, n):
+        newest[i] = max(newest[i - 1], held[i][1])
+    while n > forced and newest[n - 1] > oldest_left:
+        n -= 1
+        oldest_left = min(oldest_left, held[n][1])
+    return n

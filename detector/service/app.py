@@ -22,6 +22,7 @@ import asyncio
 import math
 from abc import ABC, abstractmethod
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from .. import ipranges
 from ..core import changelog
 from ..core.engine import Engine, MalformedRecord, check_decidable, issuance_parts, session_parts
 from ..core.findings import render
-from ..core.ordering import event_time_key, merge_runs
+from ..core.ordering import Watermark, event_time_key, merge_runs, releasable
 from ..core.records import BAD_RECORD, INVALID_JSON, decode_fast, is_cloudtrail_record
 from ..core.state import DetectorState, EngineConfig, FindingGroup
 from ..registry import RegistryError, load_registry
@@ -401,6 +402,22 @@ class RouteStage(Stage):
         m.records_dropped.inc(read - routed)
 
 
+def _parse_routed(msg: Any) -> tuple[Any, tuple[bytes, bytes]]:
+    """The record of a sessions-topic message (None when it is not JSON) and its source partition
+    (from the route stage's headers; empty when absent)."""
+    try:
+        record = orjson.loads(msg.value) if msg.value is not None else None
+    except orjson.JSONDecodeError:
+        record = None
+    source = (b"", b"")
+    for name, value in msg.headers or ():
+        if name == SOURCE_TOPIC:
+            source = (value, source[1])
+        elif name == SOURCE_PARTITION:
+            source = (source[0], value)
+    return record, source
+
+
 class DetectStage(Stage):
     """``sessions_topic`` partitions → per-partition state, changelog, findings."""
 
@@ -411,7 +428,10 @@ class DetectStage(Stage):
         self.states: dict[int, DetectorState] = {}
         self.restoring: dict[int, asyncio.Task[None]] = {}
         self.standby: dict[int, tuple[DetectorState, int]] = {}  # revoked states and their committed offset
-        self.held: dict[TopicPartition, tuple[float, list[Any]]] = {}  # fetched, not yet applied
+        # fetched, not yet applied: (arrival, eventTime, message, record, source) in offset order
+        self.held: dict[TopicPartition, list[tuple[float, str, Any, Any, tuple[bytes, bytes]]]] = {}
+        self.watermarks: dict[TopicPartition, Watermark] = {}
+        self.sources: list[tuple[bytes, bytes]] = []  # the input partitions (found at start-up), waited for
         if service.settings.reorder_window_ms > 0:
             self.fetch_timeout_ms = max(10, min(500, service.settings.reorder_window_ms // 2))
         self.batch_starts: dict[TopicPartition, list[int]] = {}  # first offset of each batch not yet committed past
@@ -452,27 +472,46 @@ class DetectStage(Stage):
         return bool(self.held)
 
     def process(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        """Hold fetched records ``reorder_window_ms``, then apply them (see :meth:`_apply`).
+        """Hold fetched records until every source still delivering has caught up with them, at most
+        ``reorder_window_ms``, then apply them (see :meth:`_apply`).
 
         Several route instances write one sessions partition in wall-clock order; holding records a
         moment lets the records one instance routed late join, in eventTime order, those another routed
-        early — so two instances apply a session's records in the order one would.
+        early — so two instances apply a session's records in the order one would. A record is released
+        as soon as every source partition heard from within the window has delivered a record at least
+        as new (:class:`~detector.core.ordering.Watermark`), so under steady input the hold costs about
+        one fetch, not the window.
         """
         window = self.service.settings.reorder_window_ms / 1000.0
         if self.service.stopping.is_set():
             window = 0.0  # shutting down: apply whatever is held, so its outputs go out before the commit
         now = time.monotonic()
         for tp, messages in batch.items():
-            if tp not in self.held:
-                self.held[tp] = (now, [])
-            self.held[tp][1].extend(messages)
-        due = {tp: msgs for tp, (since, msgs) in self.held.items() if window <= 0 or now - since >= window}
-        for tp in due:
-            del self.held[tp]
+            held = self.held.setdefault(tp, [])
+            watermark = self.watermarks.get(tp)
+            if watermark is None:
+                watermark = self.watermarks[tp] = Watermark(self.sources, now)
+            for msg in messages:
+                record, source = _parse_routed(msg)
+                event_time = event_time_key(record)
+                held.append((now, event_time, msg, record, source))
+                watermark.observe(source, event_time, now)
+        due: dict[TopicPartition, list[tuple[float, str, Any, Any, tuple[bytes, bytes]]]] = {}
+        for tp, held in list(self.held.items()):
+            if window <= 0:
+                n = len(held)
+            else:
+                n = releasable(held, self.watermarks[tp].mark(now, window), now, window)
+            if n:
+                due[tp] = held[:n]
+                if n == len(held):
+                    del self.held[tp]
+                else:
+                    del held[:n]
         if due:
             self._apply(due)
 
-    def _apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
+    def _apply(self, batch: dict[TopicPartition, list[tuple[float, str, Any, Any, tuple[bytes, bytes]]]]) -> None:
         service = self.service
         m = service.metrics
         apply = service.engine.apply
@@ -481,12 +520,12 @@ class DetectStage(Stage):
         now = time.time()
         counters = service.engine.counters
         instance_before = counters.instance_records
-        for tp, messages in batch.items():
+        for tp, entries in batch.items():
             state = self.states.get(tp.partition)
             if state is None:  # not restored (paused partitions yield nothing; this is a safety net)
                 continue
             expired, evicted = state.expired, state.evicted
-            for msg, record in self._in_event_time_order(messages):
+            for msg, record in self._in_event_time_order(entries):
                 if not is_cloudtrail_record(record):
                     reason = INVALID_JSON if record is None else BAD_RECORD
                     m.malformed.labels(reason).inc()
@@ -503,7 +542,7 @@ class DetectStage(Stage):
                         group = change.group
                         m.findings.labels(group.type.rsplit(".", 1)[-1], str(group.severity)).inc()
                     observe(change, tp, msg.offset, now)
-            last = messages[-1].offset
+            last = entries[-1][2].offset
             offset_header = [(changelog.OFFSET_HEADER, str(last).encode())]
             for key, value in changelog.drain(state):
                 self.outbox.append((changelog_topic, value, key, offset_header, tp.partition))
@@ -511,31 +550,22 @@ class DetectStage(Stage):
             m.evictions.labels("ttl").inc(state.expired - expired)
             m.evictions.labels("lru").inc(state.evicted - evicted)
             self.processed[tp] = last + 1
-            self.batch_starts.setdefault(tp, []).append(messages[0].offset)
-            self.records_applied += len(messages)
-            m.detected.inc(len(messages))
+            self.batch_starts.setdefault(tp, []).append(entries[0][2].offset)
+            self.records_applied += len(entries)
+            m.detected.inc(len(entries))
         m.instance_events.inc(counters.instance_records - instance_before)
 
     @staticmethod
-    def _in_event_time_order(messages: list[Any]) -> list[tuple[Any, Any]]:
-        """Parsed records of one partition, runs from different input partitions merged by eventTime.
+    def _in_event_time_order(entries: list[tuple[float, str, Any, Any, tuple[bytes, bytes]]]) -> list[tuple[Any, Any]]:
+        """``(message, record)`` of one partition's released entries, the runs from different input
+        partitions merged by eventTime.
 
         Several route instances interleave their writes into a partition by wall-clock timing; the
         merge gives every instance count the order a single route instance gives.
         """
         runs: dict[tuple[bytes, bytes], list[tuple[str, tuple[Any, Any]]]] = {}
-        for msg in messages:
-            try:
-                record = orjson.loads(msg.value) if msg.value is not None else None
-            except orjson.JSONDecodeError:
-                record = None
-            source = (b"", b"")
-            for name, value in msg.headers or ():
-                if name == SOURCE_TOPIC:
-                    source = (value, source[1])
-                elif name == SOURCE_PARTITION:
-                    source = (source[0], value)
-            runs.setdefault(source, []).append((event_time_key(record), (msg, record)))
+        for _, event_time, msg, record, source in entries:
+            runs.setdefault(source, []).append((event_time, (msg, record)))
         return merge_runs(runs.values())
 
     def prepare(self, flush_all: bool = False) -> Callable[[], None] | None:
@@ -594,6 +624,7 @@ class DetectStage(Stage):
         for tp in revoked:
             self.batch_starts.pop(tp, None)
             self.held.pop(tp, None)  # never applied nor committed: the next owner consumes them
+            self.watermarks.pop(tp, None)
             task = self.restoring.pop(tp.partition, None)
             if task is not None:
                 task.cancel()
@@ -894,6 +925,15 @@ class DetectorService:
                     "be restored into the wrong partitions; recreate the changelog with the sessions topic's count"
                 )
             self.detect.partitions_total = sessions
+            if s.input_topics.startswith("^"):
+                inputs = sorted(name for name in existing if re.match(s.input_topics, name))  # as subscribe(pattern=)
+            else:
+                inputs = [name for name in s.input_topics.split(",") if name in existing]
+            if inputs:
+                described = await admin.describe_topics(inputs)
+                self.detect.sources = [
+                    (d["topic"].encode(), str(p["partition"]).encode()) for d in described for p in d["partitions"]
+                ]
         finally:
             await admin.close()
 

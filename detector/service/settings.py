@@ -256,9 +256,11 @@ class Settings(BaseSettings):
     )
     reorder_window_ms: int = Field(
         1000, ge=0, le=10_000,
-        description="How long the detection stage holds fetched records before applying them in eventTime order "
+        description="The longest the detection stage holds a fetched record before applying it in eventTime order "
         "across source partitions, so that instances routing in parallel apply a session's records in the order "
-        "one instance would (trust on first use depends on it). Adds this much latency; 0 disables.",
+        "one instance would (trust on first use depends on it). A record goes as soon as every input partition "
+        "heard from within this window has delivered one at least as new, so under steady input the hold is about "
+        "one fetch; this bound is paid when an input partition is quiet or lags. 0 disables the hold.",
     )
     state_partitions: int = Field(
         6, ge=1, description="Partitions of the internal topics when the detector creates them (the unit of scale-out)."
