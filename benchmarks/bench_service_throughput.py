@@ -1,6 +1,6 @@
 """Service throughput, Kafka in and findings out, against a bare aiokafka consumer of the same topic.
 
-    python -m benchmarks.bench_service_throughput [--events 100000] [--partitions 3] [--uvloop]
+    python -m benchmarks.bench_service_throughput [--events 100000] [--partitions 3] [--uvloop] [--reorder-window-ms N]
 
 Starts the embedded broker (tansu), produces a seeded realistic stream (``eventgen``) to an input topic,
 then measures, each from its first message to its last:
@@ -31,11 +31,14 @@ from ._service import bare_consume, create_topic, names, produce, samples, uniqu
 from .eventgen import iter_events
 
 
-async def service_run(bootstrap: str, prefix_names: dict[str, str], expected_applied: int, events: int) -> tuple[float, dict[str, float]]:
+async def service_run(
+    bootstrap: str, prefix_names: dict[str, str], expected_applied: int, events: int, reorder_window_ms: int | None
+) -> tuple[float, dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
             kafka_bootstrap=bootstrap, http_port=0, log_level="warning", finding_update_seconds=60,
             grace_seconds=10, **prefix_names,
+            **({} if reorder_window_ms is None else {"reorder_window_ms": reorder_window_ms}),
         )  # fmt: skip
         del tmp
         service = DetectorService(settings)
@@ -79,7 +82,7 @@ async def main_async(args: argparse.Namespace) -> None:
               f"{time.perf_counter() - started:.1f} s; {expected_applied} records to apply")  # fmt: skip
         base = await bare_consume(broker.bootstrap, topic, len(values))
         print(f"baseline (bare aiokafka consumer, no parsing): {base:.2f} s, {len(values) / base:,.0f} events/s")
-        svc, s = await service_run(broker.bootstrap, prefix, expected_applied, len(values))
+        svc, s = await service_run(broker.bootstrap, prefix, expected_applied, len(values), args.reorder_window_ms)
         print(f"service (route, detect, findings acknowledged): {svc:.2f} s, {len(values) / svc:,.0f} events/s; "
               f"{s.get('detector_findings_total', 0):.0f} findings, "
               f"{s.get('detector_events_malformed_total', 0):.0f} malformed")  # fmt: skip
@@ -92,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument(
+        "--reorder-window-ms", type=int, default=None,
+        help="the detect stage's longest hold (default: the service's); the end of a finite stream waits it out",
+    )  # fmt: skip
     run_async(main_async, parser.parse_args(argv))
 
 

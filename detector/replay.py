@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import io
 import mmap
-import multiprocessing
 import os
 import signal
 import sys
@@ -281,18 +280,7 @@ class Replayer:
 
     def feed_fast(self, record: FastRecord | str) -> None:
         """Apply one result of the fast decoder (a record, or :data:`SKIPPED`)."""
-        summary = self.summary
-        if record is SKIPPED:
-            summary.skipped += 1
-            return
-        summary.records += 1
-        try:
-            changes = self.engine.apply_fast(self.state, record)
-        except MalformedRecord as exc:
-            self._malformed(exc.reason)
-            return
-        for change in changes:
-            self.final[change.group.id] = change.group
+        self._taker()(None, record, 0, 0)
 
     def feed_raw(self, raw: bytes) -> None:
         """One input the fast decoder did not take: the reference decode."""
@@ -308,14 +296,32 @@ class Replayer:
             self.engine.counters.records += count
         self.feed(decoded)
 
-    def _take(self, line: Any, result: FastRecord | str | None, start: int, end: int) -> None:
-        """A line :func:`scan_lines` passes on: the fast decoder's result, or the reference decode."""
-        if result is None:
-            raw = bytes(line)
-            if raw.strip():
-                self.feed_raw(raw)
-        else:
-            self.feed_fast(result)
+    def _taker(self) -> Callable[[Any, FastRecord | str | None, int, int], None]:
+        """The ``take`` of :func:`scan_lines`: a line's fast-decoder result applied (a record), counted
+        (``SKIPPED``), or the line given to the reference decode (``None``). A closure over this
+        replay's parts, as it runs once per record that may matter."""
+        summary, final, state = self.summary, self.final, self.state
+        apply_fast, feed_raw, malformed = self.engine.apply_fast, self.feed_raw, self._malformed
+
+        def take(line: Any, result: FastRecord | str | None, start: int, end: int) -> None:
+            if result is None:
+                raw = bytes(line)
+                if raw.strip():
+                    feed_raw(raw)
+                return
+            if result is SKIPPED:
+                summary.skipped += 1
+                return
+            summary.records += 1
+            try:
+                changes = apply_fast(state, result)
+            except MalformedRecord as exc:
+                malformed(exc.reason)
+                return
+            for change in changes:
+                final[change.group.id] = change.group
+
+        return take
 
     def _tally(self, skipped: int, counted: int) -> None:
         """Lines :func:`scan_lines` only counted: other EventBridge events, records that cannot matter."""
@@ -324,12 +330,14 @@ class Replayer:
         self.engine.counters.records += counted
 
     def _feed_lines(self, handle: IO[bytes]) -> None:
-        scan_lines(handle.read, FastDecoder(), self._take, self._tally)
+        scan_lines(handle.read, FastDecoder(), self._taker(), self._tally)
 
     def _feed_lines_split(self, name: str, handle: BinaryIO, size: int) -> None:
         """:meth:`_feed_lines` for a plain file, in two processes: a forked scanner decodes and sorts
         every line (:func:`scan_lines`) and sends the offsets of the lines that need the engine; this
         process decodes those again from a shared mapping of the file and applies them in order."""
+        import multiprocessing
+
         context = multiprocessing.get_context("fork")
         receiver, sender = context.Pipe(duplex=False)
         fd = handle.fileno()
@@ -337,7 +345,7 @@ class Replayer:
         scanner.start()
         sender.close()
         decode_line = FastDecoder().decode_line
-        take = self._take
+        take = self._taker()
         try:
             with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
                 while True:
@@ -370,10 +378,12 @@ class Replayer:
         and ``fork`` available; else 0."""
         if self.jobs < 2 or name == "-" or not isinstance(handle, io.BufferedReader):
             return 0
-        if "fork" not in multiprocessing.get_all_start_methods():
-            return 0
         size = os.fstat(handle.fileno()).st_size
-        return size if size >= SPLIT_MIN_BYTES else 0
+        if size < SPLIT_MIN_BYTES:
+            return 0
+        import multiprocessing  # here, not at start-up: 5 ms of imports only a large input needs
+
+        return size if "fork" in multiprocessing.get_all_start_methods() else 0
 
     def _feed_file(self, name: str) -> None:
         handle = _open(name)
@@ -389,8 +399,9 @@ class Replayer:
             data = handle.read()
             records = FastDecoder().decode_document(data)
             if records is not None:
+                take = self._taker()
                 for record in records:
-                    self.feed_fast(record)
+                    take(None, record, 0, 0)
                 return
             try:
                 value = orjson.loads(data)
