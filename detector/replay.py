@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import mmap
 import os
 import signal
 import sys
@@ -335,7 +334,7 @@ class Replayer:
     def _feed_lines_split(self, name: str, handle: BinaryIO, size: int) -> None:
         """:meth:`_feed_lines` for a plain file, in two processes: a forked scanner decodes and sorts
         every line (:func:`scan_lines`) and sends the offsets of the lines that need the engine; this
-        process decodes those again from a shared mapping of the file and applies them in order."""
+        process reads those lines again (the page cache serves them), decodes and applies them in order."""
         import multiprocessing
 
         context = multiprocessing.get_context("fork")
@@ -347,25 +346,32 @@ class Replayer:
         decode_line = FastDecoder().decode_line
         take = self._taker()
         try:
-            with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as data:
-                while True:
-                    try:
-                        message = receiver.recv()
-                    except EOFError:
-                        scanner.join()
-                        raise InputError(f"{name}: the line scanner stopped (exit code {scanner.exitcode})") from None
-                    if message is None:
-                        break
-                    if isinstance(message, str):
-                        raise InputError(f"{name}: cannot read ({message})")
-                    skipped, counted, spans = message
-                    self._tally(skipped, counted)
-                    offsets = array("q")
-                    offsets.frombytes(spans)
-                    ok = fast_ok()
-                    for i in range(0, len(offsets), 2):
-                        raw = data[offsets[i] : offsets[i + 1]]
-                        take(raw, decode_line(raw) if ok and raw.isascii() else None, 0, 0)
+            while True:
+                try:
+                    message = receiver.recv()
+                except EOFError:
+                    scanner.join()
+                    raise InputError(f"{name}: the line scanner stopped (exit code {scanner.exitcode})") from None
+                if message is None:
+                    break
+                if isinstance(message, str):
+                    raise InputError(f"{name}: cannot read ({message})")
+                skipped, counted, spans = message
+                self._tally(skipped, counted)
+                if not spans:
+                    continue
+                offsets = array("q")
+                offsets.frombytes(spans)
+                # The bytes these lines span, read again: one pread per block (a mapping would be
+                # cheaper, but a file truncated under it kills the process with SIGBUS).
+                low = offsets[0]
+                data = os.pread(fd, offsets[-1] - low, low)
+                if len(data) < offsets[-1] - low:
+                    raise InputError(f"{name}: the file shrank while it was read")
+                ok = fast_ok()
+                for i in range(0, len(offsets), 2):
+                    raw = data[offsets[i] - low : offsets[i + 1] - low]
+                    take(raw, decode_line(raw) if ok and raw.isascii() else None, 0, 0)
         finally:
             receiver.close()
             if scanner.is_alive():

@@ -165,6 +165,23 @@ def test_a_scanner_that_dies_or_fails_is_a_clear_error(
         replay(Engine(*engine_parts), [path], jobs=2)
 
 
+@pytest.mark.usefixtures("split_every_file")
+def test_a_file_truncated_while_it_is_read_is_a_clear_error(
+    sample_world: Any, engine_parts: Any, tmp_path: Path
+) -> None:
+    """Like a log rotated with copytruncate: an error, not a crash (a mapping of it would SIGBUS)."""
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"\n".join(sample_lines(sample_world)) + b"\n")
+
+    class Truncating(SplitReplayer):
+        def _tally(self, skipped: int, counted: int) -> None:
+            os.truncate(path, 0)  # after the scanner read a block, before this process reads its lines
+            super()._tally(skipped, counted)
+
+    with pytest.raises(InputError, match=r"a\.jsonl: the file shrank while it was read"):
+        Truncating(Engine(*engine_parts), DetectorState(), jobs=2).run([str(path)])
+
+
 def test_the_command_line_splits_by_default_with_the_same_results(run_detector: Any, tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     big_jsonl(path)
