@@ -1,6 +1,6 @@
 """Replay throughput against a process that only reads the same file and ``orjson.loads`` every line.
 
-    python -m benchmarks.bench_replay_throughput [--events 200000] [--runs 3]
+    python -m benchmarks.bench_replay_throughput [--events 200000] [--runs 3] [--seed 7] [--instances N]
 
 Generates a seeded, realistic EventBridge JSON Lines stream (``benchmarks/eventgen.py``: ~1.4-1.5 KB
 per event, ~40% EC2 instance-role sessions over many instances, credential issuance, other identities,
@@ -62,11 +62,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3, help="runs of each; the fastest counts")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--instances", type=int, default=None,
+        help="distinct EC2 instances in the stream (default: events / 100, i.e. ~40 calls per session); "
+        "more instances mean more first-seen sessions and addresses, the engine's costly case",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     header("replay throughput")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "events.jsonl"
-        lines, size = write_stream(path, iter_events(args.events, args.seed))
+        lines, size = write_stream(path, iter_events(args.events, args.seed, instances=args.instances))
         print(f"input: {lines} events, {size / lines:.0f} bytes/event, {size / 1e6:.0f} MB")
 
         def baseline() -> tuple[float, str]:

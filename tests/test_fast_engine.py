@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -214,3 +215,43 @@ def test_first_use_address_no_longer_trusted_once_the_home_account_is_inventorie
         assert [(f["type"], f["service"]["count"]) for f, _ in outcome] == [
             ("UnauthorizedAccess:IAMUser/InstanceCredentialExfiltration.InsideAWS", 1)
         ], fast
+
+
+def test_memo_tables_stay_bounded_and_never_change_a_decision(aws_ranges: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memo tables hold up to _CACHE_LARGE entries while the index is smaller than that, then go back to
+    _CACHE_LIMIT at their next clear; decisions are those of an engine whose tables never fill."""
+    import detector.core.engine as engine_module
+
+    def records() -> list[dict[str, Any]]:
+        out = []
+        for round_ in range(3):
+            for i in range(40):
+                source = f"52.95.{i}.{7 + round_ % 2}"  # a second address on alternate rounds: TOFU findings
+                out.append({
+                    "eventVersion": "1.10",
+                    "userIdentity": {"type": "AssumedRole", "arn": f"arn:aws:sts::111111111111:assumed-role/web/i-{i:017x}",
+                                     "accessKeyId": f"ASIAEXAMPLE{i:09d}"},
+                    "eventTime": f"2026-05-04T10:{round_:02d}:{i:02d}Z", "eventName": "GetObject",
+                    "sourceIPAddress": source, "eventID": f"{round_}-{i}",
+                })  # fmt: skip
+        return out
+
+    def run(engine: Engine, watch: bool) -> Any:
+        state = DetectorState()
+        results = []
+        for record in records():
+            results.append(apply(engine, state, fast_record(record), True))
+            if watch:
+                tables = (engine._arns, engine._origins, engine._addresses, engine._classes, engine._times)
+                assert max(map(len, tables)) <= engine_module._CACHE_LARGE
+                sizes.append((len(state.sessions), len(engine._arns)))
+        return results, snapshot(engine, state)
+
+    sizes: list[tuple[int, int]] = []
+    expected = run(Engine(REGISTRY_A, aws_ranges), watch=False)  # 40 sessions: nothing is ever cleared
+    monkeypatch.setattr(engine_module, "_CACHE_LIMIT", 4)
+    monkeypatch.setattr(engine_module, "_CACHE_LARGE", 16)
+    assert run(Engine(REGISTRY_A, aws_ranges), watch=True) == expected
+    assert any(n_arns > 4 for n, n_arns in sizes if n < 16)  # while the index is small, tables grow past 4
+    assert all(n_arns <= 5 for n, n_arns in sizes[-40:])  # with 40 sessions indexed: back to 4 (+ the new entry)
+    assert any(s for s in expected[0])  # the stream has findings, so decisions are really compared

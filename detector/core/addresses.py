@@ -24,6 +24,7 @@ V4 = 4
 V6 = 6
 
 _inet_pton = socket.inet_pton
+_inet_ntop = socket.inet_ntop
 _AF_INET = socket.AF_INET
 _AF_INET6 = socket.AF_INET6
 _from_bytes = int.from_bytes
@@ -53,8 +54,8 @@ def parse_address(text: str) -> tuple[int, int] | None:
 
 def format_address(family: int, value: int) -> str:
     if family == V4:
-        return str(ipaddress.IPv4Address(value))
-    return str(ipaddress.IPv6Address(value))
+        return _inet_ntop(_AF_INET, value.to_bytes(4, "big"))  # dotted quad, as ipaddress writes it
+    return str(ipaddress.IPv6Address(value))  # RFC 5952 as ipaddress writes it (inet_ntop differs on ::a.b.c.d)
 
 
 def is_global(family: int, value: int) -> bool:

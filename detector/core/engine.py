@@ -188,7 +188,13 @@ class Origin:
     vpce: str | None = None
 
 
-_CACHE_LIMIT = 1 << 14  # entries per memo table; a full table is cleared (bounded memory, no LRU work)
+# Entries per memo table; a full table is cleared (bounded memory, no LRU work). While the index holds
+# fewer sessions than _CACHE_LARGE, a table may hold that many: the working set of a few tens of
+# thousands of sessions (each with its ARN, public address and endpoint) then fits, where 16k thrashed.
+# Beyond that it never fits (a million sessions), so the tables go back to _CACHE_LIMIT at their next
+# clear and memory stays bounded (≈ 4 MB per table).
+_CACHE_LIMIT = 1 << 14
+_CACHE_LARGE = 1 << 16
 _NOT_ADDRESS = (0, 0, None)
 _MISS = object()
 _SERVICE_ORIGIN: tuple[str, str | None, str | None, int, int, str | None] = ("AWS_SERVICE", None, None, 0, 0, None)
@@ -216,6 +222,11 @@ class Engine:
         self._origins: dict[tuple[Any, ...], tuple[str, str | None, str | None, int, int, str | None]] = {}
         self._registry = registry
         self._aws_ranges: AddressIndex[Any] = aws_ranges if aws_ranges is not None else AddressIndex()
+        self._limit = _CACHE_LARGE  # entries per memo table (see _CACHE_LARGE), set by _fit
+
+    def _fit(self, state: DetectorState) -> None:
+        """Size the memo tables for ``state``'s index (called on memo misses only)."""
+        self._limit = _CACHE_LARGE if len(state.sessions) < _CACHE_LARGE else _CACHE_LIMIT
 
     @property
     def registry(self) -> Registry:
@@ -246,7 +257,7 @@ class Engine:
             return arns[arn]
         except KeyError:
             pass
-        if len(arns) >= _CACHE_LIMIT:
+        if len(arns) >= self._limit:
             arns.clear()
         parsed = arns[arn] = parse_session_key(arn)
         return parsed
@@ -257,7 +268,7 @@ class Engine:
             if ts is not None:
                 return ts
             ts = parse_event_time(value)
-            if len(self._times) >= _CACHE_LIMIT:
+            if len(self._times) >= self._limit:
                 self._times.clear()
             self._times[value] = ts
             return ts
@@ -269,8 +280,13 @@ class Engine:
         hit = memo.get(source)
         if hit is None:
             parsed = parse_address(source)
-            hit = (0, 0, None) if parsed is None else (parsed[0], parsed[1], format_address(*parsed))
-            if len(memo) >= _CACHE_LIMIT:
+            if parsed is None:
+                hit = (0, 0, None)
+            elif parsed[0] == V4 and ":" not in source:
+                hit = (V4, parsed[1], source)  # inet_pton takes only the canonical dotted quad: it is the form
+            else:
+                hit = (parsed[0], parsed[1], format_address(*parsed))
+            if len(memo) >= self._limit:
                 memo.clear()
             memo[source] = hit
         return hit
@@ -293,7 +309,7 @@ class Engine:
                 # only read when the address is neither owned nor in AWS's ranges: ipaddress is slow
                 owner is None and not in_aws and is_global(family, value),
             )
-            if len(memo) >= _CACHE_LIMIT:
+            if len(memo) >= self._limit:
                 memo.clear()
             memo[key] = hit
         return hit
@@ -352,6 +368,7 @@ class Engine:
             return []
         if identity.get("type") == "AssumedRole":
             arn = identity.get("arn")
+            self._fit(state)
             parsed = self._session_arn(arn) if isinstance(arn, str) else None
             if parsed is not None:
                 context = identity.get("sessionContext")
@@ -388,6 +405,7 @@ class Engine:
         if identity.type == "AssumedRole" and type(arn) is str:
             parsed = self._arns.get(arn, _MISS)
             if parsed is _MISS:
+                self._fit(state)
                 parsed = self._session_arn(arn)
         if parsed is None:
             if record.eventName == "AssumeRole" and identity.invokedBy == "ec2.amazonaws.com":
@@ -417,7 +435,7 @@ class Engine:
             if hit is None:
                 hit = self._origin(source, None, vpce, vpce_account, home)  # raises for a non-address
                 if memo_key is not None:
-                    if len(origins) >= _CACHE_LIMIT:
+                    if len(origins) >= self._limit:
                         origins.clear()
                     origins[memo_key] = hit
             origin = hit
@@ -583,7 +601,7 @@ class Engine:
                 if known is None:
                     text = ix.tofu_v4(s)  # a restored value not written canonically, compared as text
                     if text is None:
-                        ix.set_tofu_v4(s, address)
+                        ix.set_tofu_v4_value(s, value)  # address is value written canonically
                         return None
                     if text == address:
                         return None

@@ -367,9 +367,17 @@ class SessionIndex:
             self._x(s)[X_KEYS] = older
 
     def add_access_key(self, s: int, key: str) -> None:
-        if self._flags[s] & F_AK and len(key) == _AK_LEN and key.isascii():  # the usual case: the newest again
+        flags = self._flags[s]
+        if flags & F_AK and len(key) == _AK_LEN and key.isascii():  # the usual case: the newest again
             base = s * _AK_LEN
             if self._ak.startswith(key.encode("ascii"), base, base + _AK_LEN):
+                return
+        elif not flags & (F_AK | F_EXTRA):  # a session's first key: set_access_keys(s, (key,)), inlined
+            raw = _ak_bytes(key)
+            if raw is not None:
+                base = s * _AK_LEN
+                self._ak[base : base + _AK_LEN] = raw
+                self._flags[s] = flags | F_AK
                 return
         keys = self.access_keys(s)
         if keys and keys[-1] == key:
@@ -473,13 +481,17 @@ class SessionIndex:
         """The first-use IPv4 address as an integer (what the engine compares)."""
         return self._tofu4[s] if self._flags[s] & F_TOFU4 else None
 
+    def set_tofu_v4_value(self, s: int, value: int) -> None:
+        """:meth:`set_tofu_v4` for an address already parsed and written canonically."""
+        self._tofu4[s] = value
+        self._flags[s] |= F_TOFU4
+        if self._flags[s] & F_EXTRA:
+            self._extra[s][X_TOFU4] = None
+
     def set_tofu_v4(self, s: int, address: str | None) -> None:
         value = _ipv4_value(address) if address is not None else None
         if value is not None:
-            self._tofu4[s] = value
-            self._flags[s] |= F_TOFU4
-            if self._flags[s] & F_EXTRA:
-                self._extra[s][X_TOFU4] = None
+            self.set_tofu_v4_value(s, value)
             return
         self._flags[s] &= ~F_TOFU4 & 0xFF
         if address is not None or self._flags[s] & F_EXTRA:  # not written canonically: kept as text
