@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -82,11 +83,14 @@ def messy_body(sample_world: Any, seed: int) -> bytes:
 
 
 @pytest.mark.usefixtures("split_every_file")
+@pytest.mark.parametrize("handoff", ["records", "offsets", "auto"])
 @pytest.mark.parametrize("block", [64, 1000, 1 << 20])
 def test_split_replay_equals_one_process_and_reference_on_a_messy_stream(
-    block: int, sample_world: Any, engine_parts: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    block: int, handoff: str, sample_world: Any, engine_parts: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Whichever way the scanner hands lines over: records it decoded (msgpack), or offsets."""
     registry, ranges = engine_parts
+    monkeypatch.setattr(detector.replay, "SPLIT_HANDOFF", handoff)
     body = messy_body(sample_world, block)
     (tmp_path / "a.jsonl").write_bytes(body)
     (tmp_path / "b.jsonl").write_bytes(body.replace(b"\n", b"\r\n") + b"\n")
@@ -101,10 +105,13 @@ def test_split_replay_equals_one_process_and_reference_on_a_messy_stream(
 
 
 @pytest.mark.usefixtures("split_every_file")
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_split_replay_of_generated_worlds_matches_their_labels(seed: int, aws_ranges: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("seed", "handoff"), [(0, "records"), (1, "offsets"), (2, "auto")])
+def test_split_replay_of_generated_worlds_matches_their_labels(
+    seed: int, handoff: str, aws_ranges: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from detector.registry import load_registry
 
+    monkeypatch.setattr(detector.replay, "SPLIT_HANDOFF", handoff)
     world = make_world(seed, n_accounts=3, instances_per_account=3)
     paths = write_world(world, tmp_path)
     jsonl = [p for p in paths if p.name.endswith(".jsonl")]
@@ -137,6 +144,22 @@ def test_only_large_plain_json_lines_files_are_split(engine_parts: Any, tmp_path
     summary = two[0]
     assert summary["records"] > 2 * lines * 0.9 and summary["instance_records"] > 0 and summary["malformed"] > 0
     assert two[1]
+
+
+@pytest.mark.usefixtures("split_every_file")
+def test_records_that_msgpack_cannot_carry_are_decoded_by_the_parent(
+    sample_world: Any, engine_parts: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An integer beyond 64 bits in a field the fast decoder keeps: the block goes over as offsets."""
+    monkeypatch.setattr(detector.replay, "SPLIT_HANDOFF", "records")
+    lines = sample_lines(sample_world)
+    odd = [re.sub(rb'"eventVersion":"1\.(08|10)"', b'"eventVersion":123456789012345678901234567890', line) for line in lines]
+    assert any(b"123456789012345678901234567890" in line and b"/i-" in line for line in odd)
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"\n".join(odd) + b"\n")
+    expected = reference_replay(Engine(*engine_parts), [str(path)])
+    assert replay(Engine(*engine_parts), [path], jobs=2) == (*expected, 1)
+    assert expected[1]  # findings: the odd records were applied
 
 
 def killed(*args: Any) -> None:
