@@ -5,6 +5,10 @@ sessions and findings, not with the number of records. Each line (and each ``.js
 first to the fast decoder (:class:`detector.core.records.FastDecoder`: msgspec validates the whole
 input and builds only the fields the engine reads); what it does not accept goes to the reference
 :func:`detector.core.records.decode`, so malformed input is counted with the same reasons as before.
+
+With ``jobs`` 2 (the command line's default on two CPUs or more), a large plain JSON Lines file is
+split between two processes: a forked scanner decodes and sorts every line, this process applies the
+ones that may matter, in order (:meth:`Replayer._feed_lines_split`); the results are the same.
 """
 
 from __future__ import annotations

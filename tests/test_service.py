@@ -181,8 +181,9 @@ async def test_crash_between_publish_and_commit_loses_no_finding(broker: Embedde
 async def test_held_back_updates_pin_the_commit_until_published(broker: EmbeddedBroker) -> None:
     """With a one-hour update interval, offsets that changed an open finding stay uncommitted."""
     prefix = unique("pin")
-    # small batches, so a group's later records arrive in later batches than the one that opened it
-    s = settings_for(broker.bootstrap, prefix, finding_update_seconds=3600, max_poll_records=10, reorder_window_ms=0)
+    # one record per batch, so a group's later records arrive in later batches than the one that opened
+    # it whatever the fetch timing (with 10, all of a group's records could share one batch)
+    s = settings_for(broker.bootstrap, prefix, finding_update_seconds=3600, max_poll_records=1, reorder_window_ms=0)
     await create_topics(broker.bootstrap, {s.input_topics: 1})
     service, task = await start(s)
     librdkafka_produce(broker.bootstrap, s.input_topics, world_messages(WORLD))
