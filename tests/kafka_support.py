@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from detector.demo import create_topics
 from detector.embedded import EmbeddedBroker
+from detector.service.settings import Settings
 
 
 @pytest.fixture(scope="session")
@@ -189,3 +190,18 @@ __all__ = [
     "wait_until",
     "TcpProxy",
 ]
+
+
+def service_settings(bootstrap: str, prefix: str, **overrides: Any) -> Settings:
+    """Settings of a service under test on the topics and group of ``prefix``: any free HTTP port,
+    warnings only in the log; ``overrides`` on top."""
+    values: dict[str, Any] = {
+        "kafka_bootstrap": bootstrap,
+        "input_topics": f"{prefix}.cloudtrail",
+        "findings_topic": f"{prefix}.findings",
+        "dlq_topic": f"{prefix}.dlq",
+        "group_id": f"{prefix}.group",
+        "http_port": 0,
+        "log_level": "warning",
+    }
+    return Settings(**(values | overrides))

@@ -26,7 +26,7 @@ import orjson
 import pytest
 import yaml
 from click.testing import CliRunner
-from kafka_support import broker, create_topics, read_topic, unique, wait_until  # noqa: F401 - fixtures
+from kafka_support import broker, create_topics, read_topic, service_settings, unique, wait_until  # noqa: F401 - fixtures
 from prometheus_client.parser import text_string_to_metric_families
 
 from detector.cli import cli
@@ -666,17 +666,7 @@ def exported_metrics(broker: EmbeddedBroker) -> set[str]:  # noqa: F811
 
     async def scrape() -> str:
         prefix = unique("deploy-metrics")
-        settings = Settings(
-            kafka_bootstrap=broker.bootstrap,
-            input_topics=f"{prefix}.cloudtrail",
-            findings_topic=f"{prefix}.findings",
-            dlq_topic=f"{prefix}.dlq",
-            group_id=f"{prefix}.group",
-            registry=sample_world().registry,
-            http_port=0,
-            log_level="warning",
-            grace_seconds=5,
-        )
+        settings = service_settings(broker.bootstrap, prefix, registry=sample_world().registry, grace_seconds=5)
         await create_topics(broker.bootstrap, {settings.input_topics: 1})
         service = DetectorService(settings)
         task = asyncio.create_task(service.run())

@@ -26,6 +26,7 @@ from kafka_support import (  # noqa: F401 - fixtures
     latest_findings,
     librdkafka_produce,
     read_topic,
+    service_settings,
     unique,
     wait_until,
 )
@@ -53,20 +54,8 @@ SPEC_METRICS = {
 
 
 def settings_for(bootstrap: str, prefix: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "kafka_bootstrap": bootstrap,
-        "input_topics": f"{prefix}.cloudtrail",
-        "findings_topic": f"{prefix}.findings",
-        "dlq_topic": f"{prefix}.dlq",
-        "group_id": f"{prefix}.group",
-        "registry": WORLD.registry,
-        "http_port": 0,
-        "finding_update_seconds": 0.5,
-        "log_level": "warning",
-        "grace_seconds": 10,
-    }
-    values.update(overrides)
-    return Settings(**values)
+    defaults: dict[str, Any] = {"registry": WORLD.registry, "finding_update_seconds": 0.5, "grace_seconds": 10}
+    return service_settings(bootstrap, prefix, **(defaults | overrides))
 
 
 async def start(settings: Settings, cls: type[DetectorService] = DetectorService) -> tuple[DetectorService, asyncio.Task[int]]:

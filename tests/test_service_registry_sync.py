@@ -9,12 +9,11 @@ from pathlib import Path
 import orjson
 import pytest
 from aws_helpers import REGION, ROLE_NAME, MotoServer, build_org, cli_env, ROOT_KEYS
-from kafka_support import broker, unique, wait_until  # noqa: F401 - fixtures
+from kafka_support import broker, service_settings, unique, wait_until  # noqa: F401 - fixtures
 
 from detector.embedded import EmbeddedBroker
 from detector.registry import load_registry
 from detector.service.app import DetectorService
-from detector.service.settings import Settings
 
 pytestmark = [pytest.mark.aws, pytest.mark.kafka]
 
@@ -33,14 +32,9 @@ async def test_periodic_sync_hot_swaps_the_registry_and_keeps_human_decisions(
         overlay.write_bytes(orjson.dumps({"accounts": {member.account_id: {"name": "payments", "trusted": True}}}))
         output = tmp_path / "synced.json"
         prefix = unique("sync")
-        settings = Settings(
-            kafka_bootstrap=broker.bootstrap,
-            input_topics=f"{prefix}.cloudtrail",
-            findings_topic=f"{prefix}.findings",
-            dlq_topic=f"{prefix}.dlq",
-            group_id=f"{prefix}.group",
-            http_port=0,
-            log_level="warning",
+        settings = service_settings(
+            broker.bootstrap,
+            prefix,
             registry_sync_seconds=1.0,
             registry_sync_role_name=ROLE_NAME,
             registry_sync_regions=REGION,

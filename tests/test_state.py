@@ -24,6 +24,7 @@ from kafka_support import (  # noqa: F401 - fixtures
     latest_findings,
     librdkafka_produce,
     read_topic,
+    service_settings,
     unique,
     wait_until,
 )
@@ -46,21 +47,10 @@ def expected_keys(world: Any) -> list[tuple[Any, ...]]:
 
 
 def settings_for(bootstrap: str, prefix: str, registry: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "kafka_bootstrap": bootstrap,
-        "input_topics": f"{prefix}.cloudtrail",
-        "findings_topic": f"{prefix}.findings",
-        "dlq_topic": f"{prefix}.dlq",
-        "group_id": f"{prefix}.group",
-        "registry": registry,
-        "http_port": 0,
-        "finding_update_seconds": 0.5,
-        "log_level": "warning",
-        "grace_seconds": 10,
-        "state_partitions": 4,
-    }
-    values.update(overrides)
-    return Settings(**values)
+    defaults: dict[str, Any] = {
+        "registry": registry, "finding_update_seconds": 0.5, "grace_seconds": 10, "state_partitions": 4,
+    }  # fmt: skip
+    return service_settings(bootstrap, prefix, **(defaults | overrides))
 
 
 def world_registry(world: Any, tmp_path: Path) -> Path:

@@ -268,6 +268,11 @@ class SessionIndex:
         self._flags[s] = 0
         self._ep[s] = 0
         self._addr[s] = 0
+        self._link_tail(s)
+        return s
+
+    def _link_tail(self, s: int) -> None:
+        """Link the unlinked slot ``s`` at the most recently used end."""
         tail = self._tail
         self._prev[s] = tail
         self._next[s] = _NONE
@@ -276,7 +281,6 @@ class SessionIndex:
         else:
             self._next[tail] = s
         self._tail = s
-        return s
 
     def _unlink(self, s: int) -> None:
         p = self._prev[s]
@@ -291,21 +295,10 @@ class SessionIndex:
             self._prev[n] = p
 
     def _touch(self, s: int) -> None:
-        """Move slot ``s`` to the most recently used end."""
-        tail = self._tail
-        if s == tail:
-            return
-        p = self._prev[s]
-        n = self._next[s]
-        if p == _NONE:
-            self._head = n
-        else:
-            self._next[p] = n
-        self._prev[n] = p
-        self._prev[s] = tail
-        self._next[s] = _NONE
-        self._next[tail] = s
-        self._tail = s
+        """Move slot ``s`` to the most recently used end (``DetectorState.touch`` inlines this)."""
+        if s != self._tail:
+            self._unlink(s)
+            self._link_tail(s)
 
     def _drop(self, s: int) -> int | str:
         """Remove slot ``s``; return its packed key."""
