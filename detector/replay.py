@@ -318,10 +318,6 @@ class Replayer:
             for change in changes:
                 final[change.group.id] = change.group
 
-    def feed_fast(self, record: FastRecord | str) -> None:
-        """Apply one result of the fast decoder (a record, or :data:`SKIPPED`)."""
-        self._taker()(None, record, 0, 0)
-
     def feed_raw(self, raw: bytes) -> None:
         """One input the fast decoder did not take: the reference decode."""
         self.feed_reference(decode(raw), raw)

@@ -250,13 +250,15 @@ class Engine:
 
     # --- memo tables -------------------------------------------------------------------------------
 
-    def _session_arn(self, arn: str) -> tuple[int, str, str, str, str] | None:
-        """``(packed key, partition, account, role, instance_id)`` of an instance session ARN, else None."""
+    def _session_arn(self, arn: str, state: DetectorState) -> tuple[int, str, str, str, str] | None:
+        """``(packed key, partition, account, role, instance_id)`` of an instance session ARN, else None.
+        On a miss, the memo tables are sized for ``state``'s index first (:meth:`_fit`)."""
         arns = self._arns
         try:
             return arns[arn]
         except KeyError:
             pass
+        self._fit(state)
         if len(arns) >= self._limit:
             arns.clear()
         parsed = arns[arn] = parse_session_key(arn)
@@ -368,8 +370,7 @@ class Engine:
             return []
         if identity.get("type") == "AssumedRole":
             arn = identity.get("arn")
-            self._fit(state)
-            parsed = self._session_arn(arn) if isinstance(arn, str) else None
+            parsed = self._session_arn(arn, state) if isinstance(arn, str) else None
             if parsed is not None:
                 context = identity.get("sessionContext")
                 delivery = context.get("ec2RoleDelivery") if isinstance(context, dict) else None
@@ -405,8 +406,7 @@ class Engine:
         if identity.type == "AssumedRole" and type(arn) is str:
             parsed = self._arns.get(arn, _MISS)
             if parsed is _MISS:
-                self._fit(state)
-                parsed = self._session_arn(arn)
+                parsed = self._session_arn(arn, state)
         if parsed is None:
             if record.eventName == "AssumeRole" and identity.invokedBy == "ec2.amazonaws.com":
                 self._issuance_fast(state, record, identity)

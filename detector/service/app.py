@@ -486,6 +486,7 @@ class DetectStage(Stage):
         if self.service.stopping.is_set():
             window = 0.0  # shutting down: apply whatever is held, so its outputs go out before the commit
         now = time.monotonic()
+        holds = self.service.settings.reorder_window_ms > 0
         for tp, messages in batch.items():
             held = self.held.setdefault(tp, [])
             watermark = self.watermarks.get(tp)
@@ -495,7 +496,8 @@ class DetectStage(Stage):
                 record, source = _parse_routed(msg)
                 event_time = event_time_key(record)
                 held.append((now, event_time, msg, record, source))
-                watermark.observe(source, event_time, now)
+                if holds:
+                    watermark.observe(source, event_time, now)
         due: dict[TopicPartition, list[tuple[float, str, Any, Any, tuple[bytes, bytes]]]] = {}
         for tp, held in list(self.held.items()):
             if window <= 0:
