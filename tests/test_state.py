@@ -412,3 +412,43 @@ async def test_commit_held_back_mid_batch_restores_exactly_after_sigkill(broker:
 
 async def _metric_at_least(proc: Process, name: str, value: float) -> bool:
     return (await proc.metrics()).get(name, 0) >= value
+
+
+async def test_readyz_answers_503_while_a_partition_restores_then_200(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """SPEC §9: /readyz is 200 only once partitions are assigned *and* state is restored."""
+    from detector.core import changelog
+    from detector.core.engine import Engine
+    from detector.core.state import DetectorState
+
+    sessions = 60_000  # a restore long enough to be seen (tens of microseconds per changelog record)
+    state = DetectorState(track_changes=True)
+    engine = Engine()
+    for i in range(sessions):
+        engine.apply(state, {
+            "eventVersion": "1.10", "eventTime": "2026-05-04T10:00:00Z", "eventName": "GetObject",
+            "userIdentity": {"type": "AssumedRole", "arn": f"arn:aws:sts::111122223333:assumed-role/web/i-{i:017x}"},
+            "sourceIPAddress": "vpce.amazonaws.com" if i % 2 else "s3.amazonaws.com",
+        })  # fmt: skip
+    entries = changelog.drain(state)
+    assert len(entries) == sessions
+    prefix = unique("readyz")
+    s = settings_for(broker.bootstrap, prefix, world_registry(make_world(seed=5), tmp_path), state_partitions=1)
+    await create_topics(broker.bootstrap, {s.input_topics: 1, s.sessions_topic_name: 1, s.changelog_topic_name: 1})
+    librdkafka_produce(broker.bootstrap, s.changelog_topic_name, [v for _, v in entries], keys=[k for k, _ in entries])
+
+    service = DetectorService(s)
+    task = asyncio.create_task(service.run())
+    seen: list[tuple[int, float]] = []  # (/readyz status, partitions restoring) while starting
+    async with aiohttp.ClientSession() as http:
+        while True:
+            if service.http is not None and service.http.port:
+                async with http.get(f"http://127.0.0.1:{service.http.port}/readyz") as resp:
+                    seen.append((resp.status, service.metrics.restoring_partitions._value.get()))
+                if seen[-1][0] == 200:
+                    break
+            assert not task.done(), "the service stopped"
+            await asyncio.sleep(0.02)
+    assert (503, 1.0) in seen, f"never seen not-ready while restoring: {sorted(set(seen))}"
+    assert len(service.states[0].sessions) == sessions  # ready means restored
+    service.stop()
+    assert await task == 0
