@@ -430,3 +430,23 @@ def test_finding_ids_of_part_one_are_unchanged() -> None:
         material = "\x1f".join((INSIDE_AWS, key, remote or ""))
         assert finding_id(INSIDE_AWS, key, remote) == hashlib.sha256(material.encode()).hexdigest()[:32]
     assert finding_id(OTHER_INSTANCE, key, None, J) != finding_id(OTHER_INSTANCE, key, None, K)
+
+
+def test_a_reloaded_registry_brings_its_inventory_into_force() -> None:
+    engine, state = Engine(REGISTRY, AWS), DetectorState()
+    assert [c.group.type for c in engine.apply(state, rec("54.0.0.77", time=t(0)))] == [OUTSIDE_AWS]
+    engine.registry = INVENTORY  # what the service's hot reload does
+    assert [c.group.type for c in engine.apply(state, rec("54.0.0.77", time=t(1)))] == [OTHER_INSTANCE]
+
+
+def test_log_files_of_bare_records_take_the_fast_decoder() -> None:
+    bare = [rec("8.8.8.8", time=t(i)) for i in range(3)]
+    for record in bare:
+        del record["eventVersion"]
+    raw = orjson.dumps({"Records": bare})
+    fast = FastDecoder().decode_document(raw)
+    assert fast is not None and len(fast) == 3
+    # an element that is no record (neither eventVersion nor eventTime): the reference decoder decides
+    raw = orjson.dumps({"Records": [*bare, {"userIdentity": {}}]})
+    assert FastDecoder().decode_document(raw) is None
+    assert decode(raw).malformed == ["bad_record"]
