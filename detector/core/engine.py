@@ -721,6 +721,8 @@ class Engine:
         if entry is not None:
             evidence = self._after_stop(entry, ix, s, event_ts, identity.get("accessKeyId"))
             if evidence is not None:
+                if origin[2] is not None:
+                    evidence["address"] = origin[2]
                 change = self._record_finding(
                     state, ix, s, key, record, identity, event_ts, origin, delivery, AFTER_STOP, None, HIGH,
                     evidence=evidence,
