@@ -134,3 +134,44 @@ async def test_lifecycle_state_survives_sigkill(broker: EmbeddedBroker, tmp_path
     assert j["service"]["additionalInfo"]["clause"] == "b"
     assert j["service"]["additionalInfo"]["startedAt"] == "2026-11-01T10:20:00Z"
     assert by_instance == {}
+
+
+async def test_lifecycle_state_moves_with_its_partition_on_rebalance(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """One StopInstances of six instances, routed to each instance's partition; a second service joins and
+    takes partitions with their lifecycle entries; every instance's old credentials are then flagged once."""
+    from test_state import caught_up, total_records
+
+    from detector.service.app import DetectorService
+
+    own = "3.225.16.109"
+    instances = [f"i-0{n:016x}" for n in range(1, 7)]
+    registry = tmp_path / "registry.json"
+    registry.write_text('{"accounts": {}}')
+    s = settings_for(broker.bootstrap, unique("life-rebalance"), registry)
+    await create_topics(broker.bootstrap, {s.input_topics: 2})
+    first = [_record(i, own, "2026-11-01T10:00:00Z", f"a{i}") for i in instances]
+    first += [_stop(instances, "2026-11-01T10:10:00Z"), _state_change(instances[1], "running", "2026-11-01T10:20:00Z")]
+    a = DetectorService(s)
+    task_a = asyncio.create_task(a.run())
+    await wait_until(a.ready, timeout=60)
+    librdkafka_produce(broker.bootstrap, s.input_topics, first)
+    await wait_until(lambda: caught_up([a], total_records(first)), timeout=60)
+    assert sum(len(st.lifecycle) for st in a.detect.states.values()) == 6  # one entry per instance, no copies
+
+    b = DetectorService(s)  # joins: partitions move to it with their state
+    task_b = asyncio.create_task(b.run())
+    await wait_until(lambda: b.ready() and a.ready() and bool(b.detect.states), timeout=60)
+    entries = [bits for svc in (a, b) for st in svc.detect.states.values() for bits in st.lifecycle]
+    assert len(entries) == len(set(entries)) == 6 and any(st.lifecycle for st in b.detect.states.values())
+    later = [_record(i, own, "2026-11-01T10:30:00Z", f"b{i}") for i in instances]
+    librdkafka_produce(broker.bootstrap, s.input_topics, later)
+    await wait_until(lambda: caught_up([a, b], total_records(first + later)), timeout=60)
+    for svc in (a, b):
+        svc.stop()
+    assert await asyncio.gather(task_a, task_b) == [0, 0]
+    latest = list(latest_findings(await read_topic(broker.bootstrap, s.findings_topic)).values())
+    assert sorted((f["type"], f["resource"]["instanceDetails"]["instanceId"]) for f in latest) == [
+        (AFTER_STOP, i) for i in instances
+    ]
+    clauses = {f["resource"]["instanceDetails"]["instanceId"]: f["service"]["additionalInfo"]["clause"] for f in latest}
+    assert clauses == {i: ("b" if i == instances[1] else "a") for i in instances}

@@ -361,7 +361,7 @@ class RouteStage(Stage):
         sessions_topic = self.service.settings.sessions_topic_name
         outbox = self.outbox
         dumps = orjson.dumps
-        read = routed = 0
+        read = routed = kept = 0  # routed: copies on the sessions topic; kept: records they came from
         runs = []
         for tp, messages in batch.items():
             m.events.labels(tp.topic).inc(len(messages))
@@ -398,7 +398,8 @@ class RouteStage(Stage):
                 else:  # one copy per instance, each applied only for its instance (Engine.apply's ``only``)
                     for key in keys:
                         outbox.append((sessions_topic, value, key.encode(), [*headers, (ROUTED_INSTANCE, key.encode())], None))
-                routed += 1
+                routed += len(keys)
+                kept += 1
             if decoded.malformed:
                 for reason in decoded.malformed:
                     m.malformed.labels(reason).inc()
@@ -414,7 +415,7 @@ class RouteStage(Stage):
         self.records_read += read
         self.records_routed += routed
         m.repartitioned.inc(routed)
-        m.records_dropped.inc(read - routed)
+        m.records_dropped.inc(read - kept)
 
 
 def _parse_routed(msg: Any) -> tuple[Any, tuple[bytes, bytes]]:
