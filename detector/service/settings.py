@@ -255,8 +255,8 @@ class Settings(BaseSettings):
     # --- Stream processing state (internal topics) ---------------------------------------------------
     sessions_topic: str | None = Field(
         None,
-        description="Internal repartition topic: instance-session records keyed by session ARN, so one session "
-        "always lives in one partition of one instance.",
+        description="Internal repartition topic: instance-session, issuance and lifecycle records keyed by "
+        "instance ID (SPEC §10), so everything about one instance lives in one partition of one process.",
         json_schema_extra={"doc_default": "`<group_id>.sessions`"},
     )
     changelog_topic: str | None = Field(
