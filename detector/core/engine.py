@@ -263,11 +263,13 @@ def signals(record: dict[str, Any]) -> tuple[str, list[str], str | None]:
     return "stop", ids, TERMINATED if name == "TerminateInstances" else STOPPED
 
 
-def record_instances(record: dict[str, Any]) -> list[str]:
+def record_instances(record: dict[str, Any], parts: Any = False) -> list[str]:
     """Every instance a record concerns (SPEC §10: its partitioning keys): the instance of its session,
-    the instance an issuance record issues credentials for, and the instances of its signals."""
+    the instance an issuance record issues credentials for, and the instances of its signals.
+    ``parts``: the record's :func:`session_parts` when the caller has them."""
     out: list[str] = []
-    parts = session_parts(record)
+    if parts is False:
+        parts = session_parts(record)
     if parts is not None:
         out.append(parts[4])
     else:
@@ -646,8 +648,7 @@ class Engine:
             changes = []  # the session's own endpoint again: _decide's add_endpoint would change nothing
         else:
             changes = self._conclude(state, s, arn, home, origin, delivery, record, identity, event_ts)
-        lifecycle = state.lifecycle
-        entry = lifecycle.get(packed & _INSTANCE_KEY_MASK) if lifecycle else None
+        entry = state.lifecycle_entry(packed & _INSTANCE_KEY_MASK) if state.lifecycle else None
         if entry is not None or delivery == "1.0" or self._instances:  # SPEC §11-§13, whatever the origin
             extra = self._part_two(state, s, arn, packed, home, origin, delivery, record, identity, event_ts, entry)
             if extra:
@@ -696,7 +697,7 @@ class Engine:
         else:
             delivery = None
         changes = self._conclude(state, s, key, home, origin, delivery, record, identity, event_ts)
-        entry = state.lifecycle.get(packed & _INSTANCE_KEY_MASK) if state.lifecycle else None
+        entry = state.lifecycle_entry(packed & _INSTANCE_KEY_MASK) if state.lifecycle else None
         if entry is not None or delivery == "1.0" or self._instances:
             changes += self._part_two(state, s, key, packed, home, origin, delivery, record, identity, event_ts, entry)
         return changes

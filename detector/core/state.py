@@ -1058,6 +1058,7 @@ class DetectorState:
         "created",
         "_next_sweep",
         "lifecycle",
+        "_next_lifecycle_sweep",
     )
 
     def __init__(self, config: EngineConfig | None = None, track_changes: bool = False) -> None:
@@ -1076,6 +1077,7 @@ class DetectorState:
         # SPEC §11: per instance with a lifecycle signal, keyed by instance_bits(instance ID): a list
         # indexed by L_* (see Lifecycle below). Kept for the session TTL after its newest signal.
         self.lifecycle: dict[int, list[Any]] = {}
+        self._next_lifecycle_sweep = 0.0
 
     def advance(self, event_time: float) -> float:
         if event_time > self.stream_time:
@@ -1151,12 +1153,12 @@ class DetectorState:
             if self.track_changes:
                 self._note_removed(key_string(packed))
         lifecycle = self.lifecycle
-        if lifecycle:
+        if lifecycle and now >= self._next_lifecycle_sweep:
+            # A pass over every entry, so not every minute: an entry past its time is already ignored
+            # by lifecycle_entry(); this only frees the memory.
+            self._next_lifecycle_sweep = now + max(60.0, self.config.session_ttl_seconds / 16)
             for bits in [b for b, entry in lifecycle.items() if lifecycle_newest(entry) < horizon]:
-                del lifecycle[bits]
-                if self.track_changes:
-                    self.removed.add(LIFECYCLE_PREFIX + instance_text(bits))
-                    self.changed.discard(LIFECYCLE_PREFIX + instance_text(bits))
+                self.drop_lifecycle(bits)
         group_horizon = now - self.config.finding_ttl_seconds
         stale = [gid for gid, g in self.groups.items() if g.last_ts < group_horizon]
         if len(self.groups) - len(stale) > self.config.max_findings:
@@ -1171,8 +1173,24 @@ class DetectorState:
 
     # --- SPEC §11, §13: lifecycle signals -------------------------------------------------------------
 
-    def _lifecycle_entry(self, bits: int) -> list[Any]:
+    def lifecycle_entry(self, bits: int) -> list[Any] | None:
+        """The instance's lifecycle entry, None when it has none or it expired (a session TTL after its
+        newest signal; dropped then)."""
         entry = self.lifecycle.get(bits)
+        if entry is not None and lifecycle_newest(entry) < self.stream_time - self.config.session_ttl_seconds:
+            self.drop_lifecycle(bits)
+            return None
+        return entry
+
+    def drop_lifecycle(self, bits: int) -> None:
+        del self.lifecycle[bits]
+        if self.track_changes:
+            name = LIFECYCLE_PREFIX + instance_text(bits)
+            self.removed.add(name)
+            self.changed.discard(name)
+
+    def _lifecycle_entry(self, bits: int) -> list[Any]:
+        entry = self.lifecycle_entry(bits)
         if entry is None:
             entry = self.lifecycle[bits] = [None, None, None, None, None, None]
         if self.track_changes:

@@ -90,9 +90,10 @@ def route_keys(record: dict[str, Any]) -> list[str]:
 
     Raises :class:`MalformedRecord` for an instance-credential record the detect stage could not decide.
     """
-    if session_parts(record) is not None:
+    parts = session_parts(record)
+    if parts is not None:
         check_decidable(record)
-    return record_instances(record)
+    return record_instances(record, parts)
 
 
 def routed_instance(msg: Any) -> str | None:
