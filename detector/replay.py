@@ -28,12 +28,14 @@ from typing import IO, Any, BinaryIO
 
 import msgspec
 import orjson
+from msgspec import UNSET
 
 from .core.engine import Engine, MalformedRecord
 from .core.findings import render
 from .core.prefilter import may_matter
 from .core.records import (
-    _FAST_ERRORS, KEEP_NAMES, SKIPPED, Decoded, FastDecoder, FastRecord, classify, decode, detail_of, fast_ok,
+    _FAST_ERRORS, CLOUDTRAIL_DETAIL_TYPES, KEEP_NAMES, SKIPPED, STATE_CHANGE, Decoded, FastDecoder, FastRecord,
+    classify, decode, fast_ok,
 )  # fmt: skip
 from .core.state import DetectorState, FindingGroup
 
@@ -199,9 +201,15 @@ def scan_lines(
                     env = eventbridge(line)
                 except _FAST_ERRORS:
                     result = as_record(line, True)
-                else:
-                    result = detail_of(env)
-                    if result is SKIPPED:
+                else:  # records.detail_of, inlined
+                    kind = env.detail_type
+                    if kind in CLOUDTRAIL_DETAIL_TYPES:
+                        result = env.detail
+                        if result.eventVersion is UNSET and result.eventTime is None:
+                            result = None  # neither eventVersion nor eventTime: the reference decides
+                    elif kind == STATE_CHANGE:
+                        result = None  # lifecycle input (SPEC §10), decoded by the reference path
+                    else:
                         skipped += 1
                         continue
             else:

@@ -335,6 +335,7 @@ class Engine:
         self._registry = registry
         self._aws_ranges: AddressIndex[Any] = aws_ranges if aws_ranges is not None else AddressIndex()
         self._limit = _CACHE_LARGE  # entries per memo table (see _CACHE_LARGE), set by _fit
+        self._gids: dict[tuple[str, str, str | None, str | None], str] = {}  # finding ids of groups (a hash each)
 
     def _fit(self, state: DetectorState) -> None:
         """Size the memo tables for ``state``'s index (called on memo misses only)."""
@@ -649,7 +650,7 @@ class Engine:
         else:
             changes = self._conclude(state, s, arn, home, origin, delivery, record, identity, event_ts)
         entry = state.lifecycle_entry(packed & _INSTANCE_KEY_MASK) if state.lifecycle else None
-        if entry is not None or delivery == "1.0" or self._instances:  # SPEC §11-§13, whatever the origin
+        if entry is not None or self._instances or (delivery == "1.0" and self.imdsv1_findings):  # §11-§13
             extra = self._part_two(state, s, arn, packed, home, origin, delivery, record, identity, event_ts, entry)
             if extra:
                 return changes + extra
@@ -698,7 +699,7 @@ class Engine:
             delivery = None
         changes = self._conclude(state, s, key, home, origin, delivery, record, identity, event_ts)
         entry = state.lifecycle_entry(packed & _INSTANCE_KEY_MASK) if state.lifecycle else None
-        if entry is not None or delivery == "1.0" or self._instances:
+        if entry is not None or self._instances or (delivery == "1.0" and self.imdsv1_findings):
             changes += self._part_two(state, s, key, packed, home, origin, delivery, record, identity, event_ts, entry)
         return changes
 
@@ -896,7 +897,12 @@ class Engine:
         other: str | None = None,
         evidence: dict[str, Any] | None = None,
     ) -> FindingChange | None:
-        gid = finding_id(finding_type, key, remote, other)
+        ids = self._gids
+        gid = ids.get((finding_type, key, remote, other))
+        if gid is None:
+            if len(ids) >= self._limit:
+                ids.clear()
+            gid = ids[(finding_type, key, remote, other)] = finding_id(finding_type, key, remote, other)
         group = state.groups.get(gid)
         event_id = record.get("eventID")
         new = group is None
@@ -967,15 +973,20 @@ class Engine:
 def _count_call(group: FindingGroup, record: Any) -> None:
     """SPEC §13: the group's eventSource/eventName pairs and errorCodes, counted (bounded)."""
     source, name = record.get("eventSource"), record.get("eventName")
-    source = source if isinstance(source, str) else ""
-    name = name if isinstance(name, str) else ""
+    if type(source) is not str:
+        source = ""
+    if type(name) is not str:
+        name = ""
     calls = group.api_calls
     by_name = calls.get(source)
-    if by_name is None or name not in by_name:
+    count = by_name.get(name) if by_name is not None else None
+    if count is not None:  # the usual case: a pair seen before
+        by_name[name] = count + 1  # type: ignore[index]
+    else:
         if sum(len(v) for v in calls.values()) >= MAX_API_PAIRS:
             source, name = OTHER, OTHER
         by_name = calls.setdefault(source, {})
-    by_name[name] = by_name.get(name, 0) + 1
+        by_name[name] = by_name.get(name, 0) + 1
     code = record.get("errorCode")
     if code is not None:
         code = code if isinstance(code, str) else str(code)
