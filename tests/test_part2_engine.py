@@ -450,3 +450,17 @@ def test_log_files_of_bare_records_take_the_fast_decoder() -> None:
     raw = orjson.dumps({"Records": [*bare, {"userIdentity": {}}]})
     assert FastDecoder().decode_document(raw) is None
     assert decode(raw).malformed == ["bad_record"]
+
+
+def test_registry_check_names_file_key_and_problem_of_the_new_keys(run_detector: Any, tmp_path: Any) -> None:
+    good = tmp_path / "registry.json"
+    good.write_bytes(orjson.dumps(INVENTORY.to_mapping()))
+    proc = run_detector("registry", "check", good)
+    assert proc.returncode == 0, proc.stderr
+    summary = orjson.loads(proc.stdout)
+    assert (summary["instances"], summary["vpc_endpoints"]) == (5, 2)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[accounts.{HOME}.instances.{J}]\nvpc = "vpc-0123456789abcdef0"\nprivate = ["10.0.1.300"]\n')
+    proc = run_detector("registry", "check", bad)
+    assert proc.returncode != 0
+    assert f"{bad}: accounts.{HOME}.instances.{J}.private[0]: must be an IP address" in proc.stderr.decode()
