@@ -464,3 +464,26 @@ def test_registry_check_names_file_key_and_problem_of_the_new_keys(run_detector:
     proc = run_detector("registry", "check", bad)
     assert proc.returncode != 0
     assert f"{bad}: accounts.{HOME}.instances.{J}.private[0]: must be an IP address" in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("handoff", ["records", "offsets"])
+def test_split_replay_applies_lifecycle_records_as_one_process_does(handoff: str, tmp_path: Any, monkeypatch: Any) -> None:
+    """The two-process replay (a scanner passes on what may matter) keeps lifecycle records of anyone."""
+    import detector.replay
+    from detector.replay import Replayer
+
+    monkeypatch.setattr(detector.replay, "SPLIT_MIN_BYTES", 1)
+    monkeypatch.setattr(detector.replay, "SPLIT_HANDOFF", handoff)
+    records = [rec("52.1.2.3", time=t(0), access_key=OLD_KEY), {"detail-type": "Scheduled Event", "detail": {}},
+               ec2_call("StopInstances", [I], t(10)), bid_evicted(J, t(10)), state_change(K, "stopped", t(10)),
+               rec("8.8.8.8", time=t(30), access_key=OLD_KEY), rec("8.8.4.4", instance=J, time=t(30)),
+               rec("8.8.4.4", instance=K, time=t(30), delivery="1.0")]  # fmt: skip
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(r) for r in records) + b"\n")
+    results = []
+    for jobs in (1, 2):
+        replayer = Replayer(Engine(REGISTRY, AWS), DetectorState(), jobs=jobs)
+        replayer.run([str(path)])
+        results.append(sorted((f["type"], f["resource"]["instanceDetails"]["instanceId"]) for f in replayer.findings()))
+    assert results[0] == results[1]
+    assert [i for kind, i in results[0] if kind == AFTER_STOP] == sorted([I, J, K])
