@@ -549,11 +549,11 @@ class Replayer:
 
     def findings(self, finding_format: str = "guardduty") -> list[dict[str, Any]]:
         """The final state of every finding group: GuardDuty-shaped, or (``ocsf``) an OCSF 1.3 Detection
-        Finding whose activity is Create when that state is the group's first, else Update."""
+        Finding, activity Create (a replay writes each group once: its first and only publication)."""
         if finding_format == "ocsf":
             from .core.ocsf import to_ocsf
 
-            return [to_ocsf(render(group), new=group.version == 1) for group in self.final.values()]
+            return [to_ocsf(render(group), new=True) for group in self.final.values()]
         return [render(group) for group in self.final.values()]
 
 
