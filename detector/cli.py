@@ -293,7 +293,8 @@ def demo(timeout: float) -> None:
     from .demo import run_demo
     from .service.logging import configure_logging
 
-    configure_logging("warning", "console")
+    # Errors only: the screen is the table; malformed input is summed up in one line, not logged per record.
+    configure_logging("error", "console")
     sys.exit(asyncio.run(run_demo(sys.stdout, timeout=timeout)))
 
 
