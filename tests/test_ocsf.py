@@ -190,3 +190,16 @@ def test_the_schema_check_can_fail() -> None:
         bad = copy.deepcopy(event)
         mutate(bad)
         assert any(expected in error for error in schema_errors(bad)), (expected, schema_errors(bad))
+
+
+def test_findings_doc_ocsf_example_is_real_replay_output(run_detector: Any) -> None:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "findings.md").read_text()
+    blocks = [json.loads(b) for b in re.findall(r"^```json\n(.*?)^```", text, re.S | re.M)]
+    examples = [b for b in blocks if isinstance(b, dict) and b.get("class_uid") == 2004]
+    assert len(examples) == 1
+    invictus = Path(__file__).parent / "fixtures" / "invictus-aws" / "CloudTrail"
+    real = findings_of(run_detector("replay", "--finding-format", "ocsf", invictus))
+    assert examples == real
+    assert_valid_ocsf(examples[0])

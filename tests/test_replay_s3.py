@@ -268,3 +268,41 @@ def test_progress_is_shown_on_a_terminal(bucket: Bucket, env: dict[str, str], tm
     assert "events/s" in text and "\r\x1b[K" in text
     stdout = (tmp_path / "findings.jsonl").read_bytes()
     assert b"events/s" not in stdout and b"\r" not in stdout and len(stdout.splitlines()) > 0
+
+
+def test_since_and_until_list_only_the_folders_of_days_in_range(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """moto's request recorder shows which prefixes the replay listed: none of a day out of range."""
+    from urllib.parse import parse_qs, urlparse
+
+    monkeypatch.setenv("MOTO_RECORDER_FILEPATH", str(tmp_path / "recording"))
+    server = MotoServer()
+    try:
+        s3 = server.client("s3")
+        s3.create_bucket(Bucket="years")
+        days = [date(2025, 12, 31), date(2026, 1, 1), date(2026, 1, 15), date(2026, 2, 1)]
+        for region in ("us-east-1", "us-west-2"):
+            for day in days:
+                s3.put_object(Bucket="years", Key=trail_key(region, day, "x.json"), Body=b'{"Records": []}')
+        urllib_request("POST", f"{server.url}/moto-api/recorder/start-recording")
+        proc = detector("replay", "--since", "2026-01-01", "--until", "2026-01-31", "s3://years/AWSLogs/", env={**cli_env(ROOT_KEYS), "AWS_ENDPOINT_URL": server.url})
+        recording = urllib_request("GET", f"{server.url}/moto-api/recorder/download-recording")
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert summary_of(proc)["inputs"] == 4
+    listed = []
+    for line in recording.splitlines():
+        query = parse_qs(urlparse(json.loads(line)["url"]).query)
+        if "list-type" in query:
+            listed.append(query.get("prefix", [""])[0])
+    region_root = f"AWSLogs/{ACCOUNT}/CloudTrail/us-east-1/"
+    assert region_root + "2026/01/01/" in listed and region_root + "2026/01/15/" in listed
+    assert not [p for p in listed if "/2025/" in p or "/2026/02/" in p], listed
+    assert len(listed) == len(set(listed)) <= 2 * 5 + 4  # per region: root, 2026/, 01/, two days; + the walk down
+
+
+def urllib_request(method: str, url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, method=method, data=b"" if method == "POST" else None), timeout=10) as answer:
+        return answer.read().decode()
