@@ -113,6 +113,9 @@ class S3ObjectReader(io.RawIOBase):
             if isinstance(item, BaseException):
                 self._finished = True
                 raise S3ReadError(str(item))
+            if isinstance(item, tuple):  # ("fatal", message): the streaming itself failed
+                self._finished = True
+                raise InputError(item[1])
             self._buffer, self._pos = item, 0
             self._inputs.progress.bytes_done += len(item)
         n = min(len(target), len(self._buffer) - self._pos)
@@ -124,6 +127,8 @@ class S3ObjectReader(io.RawIOBase):
         """Skip what the replay did not read, so the next object starts at its own first chunk."""
         while not self._finished:
             item = self._inputs.next_item()
+            if isinstance(item, tuple):
+                raise InputError(item[1])
             if item is _END or isinstance(item, BaseException):
                 self._finished = True
 
@@ -314,6 +319,7 @@ class S3Inputs:
 
     async def _stream(self, client: Any, bucket: str, key: str, size: int) -> None:
         """Put the object's chunks on the queue, resuming with a ranged GET when a transfer breaks."""
+        from aiohttp import ClientError as HttpError
         from botocore.exceptions import BotoCoreError, ClientError
 
         queue = self._queue
@@ -343,7 +349,7 @@ class S3Inputs:
             except ClientError as exc:
                 await queue.put(S3ReadError(f"cannot read: {_describe(exc)}"))
                 return
-            except (BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+            except (BotoCoreError, HttpError, OSError, asyncio.TimeoutError) as exc:
                 attempts += 1
                 if attempts > RESUME_ATTEMPTS:
                     await queue.put(S3ReadError(f"transfer failed at byte {offset}: {_describe(exc)}"))

@@ -306,3 +306,94 @@ def urllib_request(method: str, url: str) -> str:
 
     with urllib.request.urlopen(urllib.request.Request(url, method=method, data=b"" if method == "POST" else None), timeout=10) as answer:
         return answer.read().decode()
+
+
+class CuttingProxy:
+    """A TCP proxy in front of moto that breaks the body of the first plain (not ranged) GET of a key
+    containing ``marker``: it relays ``keep`` bytes of the response, then drops the connection."""
+
+    def __init__(self, target_port: int, marker: bytes, keep: int) -> None:
+        import asyncio
+        import threading
+
+        from detector.embedded import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.target_port, self.marker, self.keep = target_port, marker, keep
+        self.cuts = 0
+        self.ranged: list[bytes] = []
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        async def serve() -> None:
+            self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+            started.set()
+
+        self.thread = threading.Thread(target=lambda: (self.loop.run_until_complete(serve()), self.loop.run_forever()), daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+
+    async def _handle(self, reader: Any, writer: Any) -> None:
+        import asyncio
+
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        cut = asyncio.Event()
+
+        async def requests() -> None:
+            while data := await reader.read(65536):
+                head = data.split(b"\r\n\r\n", 1)[0].lower()
+                if data.startswith(b"GET ") and self.marker in data.split(b"\r\n", 1)[0]:
+                    if b"\r\nrange:" in head:
+                        self.ranged.append(head)
+                    elif not self.cuts:
+                        self.cuts += 1
+                        cut.set()
+                up_writer.write(data)
+                await up_writer.drain()
+            up_writer.close()
+
+        async def responses() -> None:
+            sent = 0
+            while data := await up_reader.read(65536):
+                if cut.is_set():
+                    data = data[: max(0, self.keep - sent)]
+                    sent += len(data)
+                    writer.write(data)
+                    await writer.drain()
+                    if sent >= self.keep:
+                        writer.transport.abort()
+                        up_writer.close()
+                        return
+                    continue
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        try:
+            await asyncio.gather(requests(), responses())
+        except (ConnectionError, OSError):
+            pass
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_a_transfer_broken_mid_object_resumes_with_a_ranged_get(moto: MotoServer, env: dict[str, str], bucket: Bucket, tmp_path: Path) -> None:
+    s3 = moto.client("s3")
+    s3.create_bucket(Bucket="flaky-trail")
+    biggest = tmp_path / "all.jsonl"  # the world's plain JSON Lines files, one after the other
+    biggest.write_bytes(b"".join(p.read_bytes() for p in bucket.local() if p.name.endswith(".jsonl")))
+    s3.put_object(Bucket="flaky-trail", Key="cut-me/" + biggest.name, Body=biggest.read_bytes())
+    assert biggest.stat().st_size > 100_000
+    proxy = CuttingProxy(moto.port, b"/cut-me/", keep=50_000)
+    try:
+        remote = detector("replay", "--registry", bucket.registry, "s3://flaky-trail/cut-me/", env={**env, "AWS_ENDPOINT_URL": proxy.url})
+    finally:
+        proxy.stop()
+    local = detector("replay", "--registry", bucket.registry, biggest, env=env)
+    assert proxy.cuts == 1 and len(proxy.ranged) == 1, (proxy.cuts, proxy.ranged)
+    assert b"if-match:" in proxy.ranged[0]
+    same_run(remote, local)
+    assert "unreadable_input" not in summary_of(remote)["malformed_reasons"]
