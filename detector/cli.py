@@ -64,6 +64,8 @@ def replay(
         click.echo(f"detector replay: error: --since {since:%Y-%m-%d} is after --until {until:%Y-%m-%d}", err=True)
         sys.exit(2)
     remote_urls = [item for item in inputs if item.startswith("s3://")]
+    if (since or until) and not remote_urls:
+        click.echo("detector replay: warning: --since/--until select days of s3:// inputs only; local inputs are read whole", err=True)
     s3 = None
     display = None
     try:

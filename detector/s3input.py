@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import date
@@ -142,13 +143,13 @@ class S3Inputs:
         since: date | None = None,
         until: date | None = None,
         progress: Progress | None = None,
-        client_factory: Callable[[], Any] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.targets = [parse_url(url) for url in urls]
         self.urls = urls
         self.since, self.until = since, until
         self.progress = progress or Progress()
-        self._client_factory = client_factory
+        self.warn = warn or (lambda message: print(f"detector replay: warning: {message}", file=sys.stderr))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="detector-s3", daemon=True)
         self._queue: asyncio.Queue[Any] | None = None
@@ -200,12 +201,17 @@ class S3Inputs:
         assert self.urls[index] == url
         if self._task is None:
             self.start()
+        found = 0
         while True:
             item = self.next_item()
             if isinstance(item, tuple) and item[0] == "fatal":
                 raise InputError(item[1])
             if isinstance(item, tuple) and item[0] == "url":
+                if not found:
+                    days = " in the days selected" if self.since or self.until else ""
+                    self.warn(f"{url}: no log file (.json, .jsonl, either .gz) under this prefix{days}")
                 return
+            found += 1
             if self._fatal is not None:
                 raise InputError(self._fatal)
             _, bucket, key, size = item
@@ -228,8 +234,6 @@ class S3Inputs:
     # --- loop thread -------------------------------------------------------------------------------
 
     def _client(self) -> Any:
-        if self._client_factory is not None:
-            return self._client_factory()
         from aiobotocore.config import AioConfig
         from aiobotocore.session import get_session
 

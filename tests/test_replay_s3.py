@@ -397,3 +397,13 @@ def test_a_transfer_broken_mid_object_resumes_with_a_ranged_get(moto: MotoServer
     assert b"if-match:" in proxy.ranged[0]
     same_run(remote, local)
     assert "unreadable_input" not in summary_of(remote)["malformed_reasons"]
+
+
+def test_an_empty_prefix_is_a_warning_and_since_without_s3_too(bucket: Bucket, env: dict[str, str]) -> None:
+    proc = detector("replay", f"s3://{bucket.name}/AWSLogs/nothing-here/", env=env)
+    assert proc.returncode == 0 and summary_of(proc)["inputs"] == 0
+    assert f"s3://{bucket.name}/AWSLogs/nothing-here/: no log file (.json, .jsonl, either .gz) under this prefix".encode() in proc.stderr
+    proc = detector("replay", "--since", "2030-01-01", f"s3://{bucket.name}/", env=env)
+    assert proc.returncode == 0 and b"under this prefix in the days selected" in proc.stderr
+    proc = detector("replay", "--since", "2026-11-20", bucket.local()[0], env=env)
+    assert proc.returncode == 0 and b"--since/--until select days of s3:// inputs only" in proc.stderr
