@@ -332,6 +332,17 @@ class S3Inputs:
         offset = 0
         etag = None
         attempts = 0
+        pieces: list[bytes] = []  # what the socket gave, gathered to about CHUNK bytes per queue item
+        held = 0
+
+        async def flush() -> int:
+            nonlocal held
+            chunk = b"".join(pieces)
+            pieces.clear()
+            held = 0
+            await queue.put(chunk)
+            return len(chunk)
+
         while True:
             try:
                 args: dict[str, Any] = {"Bucket": bucket, "Key": key}
@@ -343,17 +354,22 @@ class S3Inputs:
                 etag = etag or response.get("ETag")
                 async with response["Body"] as body:
                     while True:
-                        chunk = await body.read(CHUNK)
-                        if not chunk:
+                        piece = await body.read(CHUNK - held)
+                        if piece:
+                            pieces.append(piece)
+                            held += len(piece)
+                        if held and (not piece or held >= CHUNK):
+                            offset += await flush()
+                        if not piece:
                             break
-                        offset += len(chunk)
-                        await queue.put(chunk)
                 await queue.put(_END)
                 return
             except ClientError as exc:
                 await queue.put(S3ReadError(f"cannot read: {_describe(exc)}"))
                 return
             except (BotoCoreError, HttpError, OSError, asyncio.TimeoutError) as exc:
+                if held:  # the bytes that did arrive are good: keep them, resume after them
+                    offset += await flush()
                 attempts += 1
                 if attempts > RESUME_ATTEMPTS:
                     await queue.put(S3ReadError(f"transfer failed at byte {offset}: {_describe(exc)}"))
