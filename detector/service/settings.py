@@ -361,7 +361,13 @@ class Settings(KafkaClientSettings):
         description="How often an open finding's updated state is re-published (new findings are published at once).",
     )
     eventbridge_envelope: bool = Field(
-        False, description="Wrap each finding in an EventBridge `GuardDuty Finding` event envelope."
+        False,
+        description="Wrap each finding in an EventBridge `GuardDuty Finding` event envelope (guardduty format only).",
+    )
+    finding_format: Literal["guardduty", "ocsf"] = Field(
+        "guardduty",
+        description="How findings are written: `guardduty` (GuardDuty-shaped JSON) or `ocsf` (an OCSF 1.3 Detection "
+        "Finding, class_uid 2004, the GuardDuty-shaped fields under `unmapped`; see docs/findings.md).",
     )
 
     # --- State --------------------------------------------------------------------------------------
@@ -501,9 +507,19 @@ class Settings(KafkaClientSettings):
     def _optional_transactional(cls, value: str | None, info: ValidationInfo) -> str | None:
         return optional_str(value, info)
 
+    @field_validator("finding_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
     # --- cross-field validation ---------------------------------------------------------------------
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.eventbridge_envelope and self.finding_format != "guardduty":
+            raise _conflict(
+                "eventbridge_envelope wraps GuardDuty-shaped findings; it cannot be combined with finding_format "
+                f"{self.finding_format}", "eventbridge_envelope", "finding_format",
+            )
         if self.transactional_id is not None and not self.enable_idempotence:
             raise _conflict("transactional_id requires enable_idempotence", "transactional_id", "enable_idempotence")
         if self.enable_idempotence and self.producer_acks != "all":
