@@ -103,9 +103,10 @@ class AwsAccess:
                 throttled = is_throttle(exc)
                 if not throttled and not is_transient(exc):
                     raise
+                # counted here: a call out of attempts is retried too, with its batch
+                (self.metrics.throttled if throttled else self.metrics.aws_retries).inc()
                 if attempt >= s.aws_max_attempts:
                     raise Transient(f"{what}: still failing after {attempt} attempts: {describe_error(exc)}") from exc
-                (self.metrics.throttled if throttled else self.metrics.aws_retries).inc()
                 delay = random.uniform(0, min(s.aws_retry_max_seconds, s.aws_retry_base_seconds * 2 ** (attempt - 1)))
                 log.info("aws_retry", call=what, attempt=attempt, throttled=throttled, delay_seconds=round(delay, 3),
                          error=describe_error(exc))  # fmt: skip

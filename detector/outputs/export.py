@@ -51,7 +51,7 @@ class SecurityHubExporter:
         self.settings = settings
         self.metrics = metrics
         self.aws = aws or AwsAccess(settings, metrics, "detector-export-securityhub")
-        self.sent: Recent = Recent(settings.tracked_findings)  # id -> updatedAt last imported
+        self.sent: Recent = Recent(settings.tracked_findings)  # id -> updatedAt last imported (or failed for good)
         self.hubs: dict[tuple[str, str], tuple[bool, float]] = {}  # (account, region) -> (enabled, checked at)
 
     def region(self, incoming: Incoming) -> str:
@@ -144,7 +144,11 @@ class SecurityHubExporter:
         log.info("findings_imported", account=account, region=region, imported=len(chunk) - len(failed), failed=len(failed))
 
     def _failed(self, reason: str, items: list[Incoming], error: str, **where: str) -> None:
+        """Count and log a failure for good; the states count as handled (a batch that comes again after
+        a retry elsewhere does not fail them twice)."""
         self.metrics.failed.labels(reason).inc(len(items))
+        for item in items:
+            self.sent.put(item.finding.id, item.finding.updated_at)
         log.error("export_failed", reason=reason, error=error, findings=len(items),
                   finding_ids=[i.finding.id for i in items[:10]], **where)  # fmt: skip
 

@@ -26,10 +26,10 @@ class OutputMetrics:
         self.skipped = Counter(f"{p}_skipped_total", "Findings not acted on, by reason.", ["reason"], registry=r)
         self.failed = Counter(f"{p}_failed_total", "Findings whose AWS action failed, by reason.", ["reason"], registry=r)
         self.throttled = Counter(
-            f"{p}_throttled_retries_total", "AWS calls retried after throttling (TooManyRequests, Throttling...).", registry=r
+            f"{p}_throttled_retries_total", "Throttled AWS answers (TooManyRequests, Throttling...), each retried: at once or with its batch.", registry=r
         )
         self.aws_retries = Counter(
-            f"{p}_aws_retries_total", "AWS calls retried after a transient error (5xx, connection), throttling excluded.", registry=r
+            f"{p}_aws_retries_total", "Transient AWS errors (5xx, connection), each retried: at once or with its batch.", registry=r
         )
         self.batch_retries = Counter(
             f"{p}_batch_retries_total", "Batches left uncommitted to be fetched and tried again.", registry=r
