@@ -399,3 +399,53 @@ async def test_respond_faults_role_gone_limit_throttling_pattern_and_size(
     assert {s["Sid"] for s in kept} <= set(expected[crowded])
     for role in set(expected) - {gone, limited, excluded, crowded}:
         assert {s["Sid"] for s in policies[role]["Statement"]} == set(expected[role])
+
+
+# ======================================================================================================
+# the command line
+# ======================================================================================================
+
+
+def test_cli_rejects_bad_settings_naming_them(run_detector: Any) -> None:
+    result = run_detector("respond", "--role-name-pattern", "^(unclosed")
+    assert result.returncode == 2 and b"role_name_pattern" in result.stderr and b"flag --role-name-pattern" in result.stderr
+    result = run_detector("export", "securityhub", "--assume-role-arn", "arn:aws:iam::{acct}:role/X")
+    assert result.returncode == 2 and b"{acct}" in result.stderr
+
+
+async def test_cli_respond_dry_run_prints_policies_and_stops_on_sigterm(broker: EmbeddedBroker, aws_ranges: Any) -> None:  # noqa: F811
+    """A dry run calls nothing in AWS: no endpoint, no credentials needed."""
+    import signal
+    import subprocess
+
+    states = world_states(aws_ranges)
+    topic = unique("findings")
+    await produce(broker.bootstrap, topic, states.messages())
+    expected = expected_containment(states)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "detector", "respond", "--kafka-bootstrap", broker.bootstrap, "--findings-topic", topic,
+         "--group-id", unique("cli"), "--http-port", "0", "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[dict[str, Any]] = []
+    try:
+        loop = asyncio.get_running_loop()
+        wanted = len(expected)  # at least one line per role (one per role and batch)
+        while len({line["roleName"] for line in lines}) < wanted:
+            raw = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), timeout=60)
+            assert raw, proc.stderr.read().decode() if proc.stderr else "respond exited"
+            lines.append(json.loads(raw))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    lines += [json.loads(line) for line in out.splitlines()]
+    sids = {s["Sid"] for line in lines for s in line["policyDocument"]["Statement"]}
+    assert sids == {s for role in expected.values() for s in role}
+    events = [json.loads(line) for line in err.splitlines()]
+    assert {"starting", "containment_dry_run", "stopped"} <= {e["event"] for e in events}, "JSON logs on standard error"
