@@ -240,6 +240,36 @@ async def test_export_retries_throttling_and_names_a_disabled_hub(
     assert disabled in errors[0]["error"]
 
 
+async def test_export_invalid_access_from_batch_import_is_a_disabled_hub(
+    broker: EmbeddedBroker, moto: MotoServer, aws_ranges: Any, logs: io.StringIO, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """Security Hub disabled between DescribeHub and the import: BatchImportFindings's own
+    InvalidAccessException (as AWS sends it, HTTP 401) counts the findings as hub_disabled, no crash loop."""
+    from aws_helpers import Fault
+
+    states = world_states(aws_ranges, seed=13)
+    account = sorted({f["accountId"] for f in states.final.values()})[0]
+    mine = [f for f in states.final.values() if f["accountId"] == account]
+    enable_hubs(moto, states)
+    proxy = FaultProxy(moto.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    body = json.dumps({"__type": "InvalidAccessException", "Message": f"Account {account} is not subscribed to AWS Security Hub"})
+    fault = proxy.add(Fault(lambda m, p, b: m == "POST" and p.startswith("/findings/import"), 401, body.encode(), 10_000))
+    topic = unique("findings")
+    messages = [(f["id"].encode(), orjson.dumps(f)) for f in mine]
+    await produce(broker.bootstrap, topic, messages, partitions=1)
+    metrics = ExportMetrics()
+    settings = export_settings(broker.bootstrap, topic)
+    try:
+        await drain(FindingConsumer(settings, metrics, SecurityHubExporter(settings, metrics)), len(messages))
+    finally:
+        proxy.stop()
+    assert fault.served >= 1 and metrics.batch_retries._value.get() == 0
+    assert metrics.failed.labels("hub_disabled")._value.get() == len(mine) and metrics.imported._value.get() == 0
+    errors = [e for e in log_events(logs) if e.get("event") == "export_failed"]
+    assert errors and all(e["account"] == account and account in e["error"] for e in errors)
+
+
 # ======================================================================================================
 # respond
 # ======================================================================================================

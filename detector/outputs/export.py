@@ -91,23 +91,24 @@ class SecurityHubExporter:
         except AssumeRoleFailed as exc:
             self._failed(ASSUME_ROLE, items, f"{exc}", account=account)
             return
+        done = 0  # items imported (or rejected) so far: a failure concerns the others only
         try:
             async with self.aws.client("securityhub", region, credentials) as hub:
                 if not await self._hub_enabled(hub, account, region):
                     self._failed(HUB_DISABLED, items, f"Security Hub is not enabled in account {account} region {region}",
                                  account=account, region=region)  # fmt: skip
                     return
-                for start in range(0, len(items), BATCH_LIMIT):
-                    chunk = items[start : start + BATCH_LIMIT]
-                    await self._import(hub, account, region, caller, chunk)
+                for done in range(0, len(items), BATCH_LIMIT):
+                    await self._import(hub, account, region, caller, items[done : done + BATCH_LIMIT])
         except (ClientError, BotoCoreError) as exc:
+            rest = items[done:]
             if error_code(exc) == "InvalidAccessException":
                 self.hubs[(account, region)] = (False, time.monotonic())
-                self._failed(HUB_DISABLED, items, f"Security Hub is not enabled in account {account} region {region}: "
+                self._failed(HUB_DISABLED, rest, f"Security Hub is not enabled in account {account} region {region}: "
                              f"{describe_error(exc)}", account=account, region=region)  # fmt: skip
                 return
             reason = ACCESS_DENIED if is_denied(exc) else AWS_ERROR
-            self._failed(reason, items, describe_error(exc), account=account, region=region)
+            self._failed(reason, rest, describe_error(exc), account=account, region=region)
 
     async def _hub_enabled(self, hub: Any, account: str, region: str) -> bool:
         known = self.hubs.get((account, region))
