@@ -203,6 +203,12 @@ async def test_export_every_finding_with_its_latest_state(broker: EmbeddedBroker
     assert metrics.skipped.labels("not_json")._value.get() == 1
     assert metrics.skipped.labels("unknown_type")._value.get() == 1
     assert sum(child._value.get() for child in metrics.failed._metrics.values()) == 0
+    # the same states again from the start, by a fresh process (what a crash before the commit repeats)
+    before = {place: hub_findings(moto, *place) for place in places}
+    again = ExportMetrics()
+    settings = export_settings(broker.bootstrap, topic)
+    await drain(FindingConsumer(settings, again, SecurityHubExporter(settings, again)), len(messages))
+    assert {place: hub_findings(moto, *place) for place in places} == before
 
 
 async def test_export_retries_throttling_and_names_a_disabled_hub(
