@@ -437,6 +437,28 @@ async def test_respond_faults_role_gone_limit_throttling_pattern_and_size(
         assert {s["Sid"] for s in policies[role]["Statement"]} == set(expected[role])
 
 
+async def test_respond_without_a_role_template_touches_only_its_own_account(
+    broker: EmbeddedBroker, moto: MotoServer, aws_ranges: Any  # noqa: F811
+) -> None:
+    """The process's own credentials are one account's: a finding of another account is skipped, never
+    applied to a role of the same name in the wrong account."""
+    states = world_states(aws_ranges)
+    own = moto.client("sts").get_caller_identity()["Account"]
+    trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+    roles = sorted({r for a in states.world.accounts.values() for r in a.roles})
+    for role in roles:  # the same names in the process's own account
+        moto.client("iam").create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(trust))
+    topic = unique("findings")
+    messages = [(f["id"].encode(), orjson.dumps(f)) for f in states.final.values()]
+    await produce(broker.bootstrap, topic, messages)
+    metrics = RespondMetrics()
+    settings = respond_settings(broker.bootstrap, topic, apply=True, assume_role_arn=None)
+    await drain(FindingConsumer(settings, metrics, Responder(settings, metrics)), len(messages))
+    assert own not in {f["accountId"] for f in states.final.values()}
+    assert role_policies(moto, {role: own for role in roles}) == {}
+    assert metrics.skipped.labels("other_account")._value.get() == sum(len(v) for v in expected_containment(states).values())
+
+
 # ======================================================================================================
 # the command line
 # ======================================================================================================

@@ -37,6 +37,7 @@ ROLE_NOT_ALLOWED = "role_not_allowed"  # outside role_name_pattern
 ROLE_GONE = "role_gone"  # IAM NoSuchEntity: the role no longer exists
 LIMIT_EXCEEDED = "limit_exceeded"  # IAM LimitExceeded on PutRolePolicy
 POLICY_TOO_LARGE = "policy_too_large"  # the statement cannot fit beside the role's other inline policies
+OTHER_ACCOUNT = "other_account"  # the credentials at hand are another account's (no assume_role_arn)
 IAM_REGIONS = {"aws": "us-east-1", "aws-cn": "cn-north-1", "aws-us-gov": "us-gov-west-1"}
 
 
@@ -44,7 +45,7 @@ class RespondMetrics(OutputMetrics):
     def __init__(self) -> None:
         super().__init__(
             "detector_respond",
-            skip_reasons=(NOT_NEW, LOW_SEVERITY, ROLE_NOT_ALLOWED, ROLE_GONE, NO_ADDRESS, UNSUPPORTED_TYPE),
+            skip_reasons=(NOT_NEW, LOW_SEVERITY, ROLE_NOT_ALLOWED, ROLE_GONE, OTHER_ACCOUNT, NO_ADDRESS, UNSUPPORTED_TYPE),
             fail_reasons=(LIMIT_EXCEEDED, POLICY_TOO_LARGE),
         )
         r = self.registry
@@ -136,9 +137,14 @@ class Responder:
         items = [item for item, _ in entries]
         where = {"account": account, "role": role, "policy": self.settings.policy_name}
         try:
-            credentials, _ = await self.aws.credentials(account, partition)
+            credentials, caller = await self.aws.credentials(account, partition)
         except AssumeRoleFailed as exc:
             self._fail(ASSUME_ROLE, items, str(exc), **where)
+            return
+        if caller != account:  # never touch a same-named role of another account
+            for item in items:
+                self._skip(item, OTHER_ACCOUNT, "error", credentials_account=caller,
+                           hint="set assume_role_arn to a role template with {account} to act in every home account")  # fmt: skip
             return
         region = IAM_REGIONS.get(partition, self.aws.default_region)
         try:
