@@ -10,6 +10,7 @@ failures, timeouts) with exponential backoff and full jitter, up to ``aws_max_at
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -84,7 +85,8 @@ class AwsAccess:
         self.session_name = session_name
         self.session = session or get_session()
         self.config = AioConfig(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=10, read_timeout=30)
-        self.default_region = self.session.get_config_variable("region") or "us-east-1"
+        # botocore reads AWS_DEFAULT_REGION (and profiles); EKS and Lambda often set only AWS_REGION
+        self.default_region = self.session.get_config_variable("region") or os.environ.get("AWS_REGION") or "us-east-1"
         # account -> (credentials, caller account, expiry as time.time())
         self._assumed: dict[str, tuple[dict[str, str], str, float]] = {}
         self._own_account: str | None = None
