@@ -459,6 +459,27 @@ async def test_respond_without_a_role_template_touches_only_its_own_account(
     assert metrics.skipped.labels("other_account")._value.get() == sum(len(v) for v in expected_containment(states).values())
 
 
+async def test_consumer_skips_a_batch_its_handler_fails_on_without_crashing(broker: EmbeddedBroker, aws_ranges: Any) -> None:  # noqa: F811
+    """A handler bug (any exception but Transient) is logged and counted; the loop goes on and commits."""
+    from detector.outputs.metrics import OutputMetrics
+
+    class Broken:
+        name = "broken"
+        calls = 0
+
+        async def handle(self, batch: list[Any]) -> list[Any]:
+            Broken.calls += 1
+            raise KeyError("an answer of an unexpected shape")
+
+    states = world_states(aws_ranges)
+    topic = unique("findings")
+    messages = [(f["id"].encode(), orjson.dumps(f)) for f in states.final.values()]
+    await produce(broker.bootstrap, topic, messages)
+    metrics = OutputMetrics("detector_test")
+    await drain(FindingConsumer(respond_settings(broker.bootstrap, topic), metrics, Broken()), len(messages))
+    assert Broken.calls >= 1 and metrics.failed.labels("internal_error")._value.get() == len(messages)
+
+
 # ======================================================================================================
 # the command line
 # ======================================================================================================

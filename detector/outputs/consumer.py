@@ -27,7 +27,7 @@ from ..service.http import HttpServer
 from ..service.kafka_config import kafka_common_kwargs
 from .aws import Transient
 from .findings import Finding, parse_finding
-from .metrics import OutputMetrics
+from .metrics import INTERNAL_ERROR, OutputMetrics
 from .settings import OutputSettings
 
 log = structlog.get_logger("detector.outputs")
@@ -215,6 +215,11 @@ class FindingConsumer:
         except Transient as exc:
             log.warning("batch_deferred", consumer=self.handler.name, error=str(exc))
             retry = incoming
+        except Exception:  # noqa: BLE001 - a bug or an AWS answer of an unexpected shape: never a crash loop
+            self.metrics.failed.labels(INTERNAL_ERROR).inc(len(incoming))
+            log.exception("batch_failed", consumer=self.handler.name, findings=len(incoming),
+                          finding_ids=[i.finding.id for i in incoming[:10]])  # fmt: skip
+            retry = []
         first: dict[TopicPartition, int] = {}
         for item in retry:
             first[item.tp] = min(first.get(item.tp, item.offset), item.offset)

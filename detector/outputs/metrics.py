@@ -15,7 +15,7 @@ from .findings import SKIP_REASONS
 ASSUME_ROLE = "assume_role"  # the account's role could not be assumed
 ACCESS_DENIED = "access_denied"
 AWS_ERROR = "aws_error"  # another non-transient AWS error
-RETRIES_EXHAUSTED = "retries_exhausted"  # throttled or transient past aws_max_attempts: batch retried later
+INTERNAL_ERROR = "internal_error"  # an unexpected exception: logged with its traceback, the batch skipped
 
 
 class OutputMetrics:
@@ -48,7 +48,7 @@ class OutputMetrics:
         )  # fmt: skip
         for reason in (*SKIP_REASONS, *skip_reasons):
             self.skipped.labels(reason)
-        for reason in (ASSUME_ROLE, ACCESS_DENIED, AWS_ERROR, RETRIES_EXHAUSTED, *fail_reasons):
+        for reason in (ASSUME_ROLE, ACCESS_DENIED, AWS_ERROR, INTERNAL_ERROR, *fail_reasons):
             self.failed.labels(reason)
 
     def exposition(self) -> bytes:
