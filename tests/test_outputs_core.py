@@ -165,3 +165,15 @@ def test_settings_of_the_consumers() -> None:
         RespondSettings(role_name_pattern="^(unclosed")
     with pytest.raises(ValueError):
         RespondSettings(policy_name="has space")
+
+
+def test_rebase_trusts_our_own_recent_write_over_a_stale_read() -> None:
+    """IAM read-after-write: GetRolePolicy just after PutRolePolicy may answer the older document."""
+    foreign = {"Sid": "HandWritten", "Effect": "Deny", "Action": "s3:*", "Resource": "*"}
+    stale = containment.policy([foreign, stmt(1)])  # what IAM still answers
+    written = containment.policy([stmt(2), stmt(3)])  # what we put: 1 rolled off, 2 and 3 added
+    base = containment.rebase(stale, written)
+    assert base["Statement"] == [foreign, stmt(2), stmt(3)]
+    merged = containment.merge(base, [stmt(3), stmt(4)])
+    assert merged.present == [stmt(3)["Sid"]] and merged.added == [stmt(4)["Sid"]]
+    assert containment.rebase(None, written)["Statement"] == [stmt(2), stmt(3)]

@@ -149,6 +149,19 @@ def _statements(existing: Any) -> list[dict[str, Any]]:
     return [s for s in found if isinstance(s, dict)]
 
 
+def ours(stmt: dict[str, Any]) -> bool:
+    return isinstance(stmt.get("Sid"), str) and _SID_RE.fullmatch(stmt["Sid"]) is not None
+
+
+def rebase(read: Any, written: dict[str, Any]) -> dict[str, Any]:
+    """The policy to merge into, when respond itself wrote ``written`` moments ago and IAM answered ``read``.
+
+    IAM is eventually consistent: a read just after a write may still show the policy as it was. Our own
+    statements are taken from what we wrote, everybody else's from what IAM says.
+    """
+    return policy([s for s in _statements(read) if not ours(s)] + [s for s in _statements(written) if ours(s)])
+
+
 def merge(existing: Any, new: list[dict[str, Any]], budget: int = ROLE_POLICY_LIMIT) -> Merge:
     """Merge ``new`` statements (in order) into the ``existing`` policy document (None: no policy yet),
     within ``budget`` characters (the role's limit minus its other inline policies).
@@ -168,11 +181,11 @@ def merge(existing: Any, new: list[dict[str, Any]], budget: int = ROLE_POLICY_LI
         sids.add(stmt["Sid"])
         result.added.append(stmt["Sid"])
     while policy_size(policy(statements)) > budget:
-        ours = [i for i, s in enumerate(statements) if isinstance(s.get("Sid"), str) and _SID_RE.fullmatch(s["Sid"])]
-        if not ours:
+        mine = [i for i, s in enumerate(statements) if ours(s)]
+        if not mine:
             break
         # the oldest statement goes first; a new one is only dropped when nothing older is left
-        index = ours[0]
+        index = mine[0]
         gone = statements.pop(index)["Sid"]
         if gone in result.added:
             result.added.remove(gone)

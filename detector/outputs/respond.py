@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import defaultdict
 from typing import Any, TextIO
 
@@ -25,7 +26,7 @@ from prometheus_client import Counter
 from ..aws.sync import describe_error
 from .aws import AssumeRoleFailed, AwsAccess, Transient, error_code, is_denied
 from .consumer import FindingConsumer, Incoming, Recent
-from .containment import CONTAINED_SEVERITY, NO_ADDRESS, ROLE_POLICY_LIMIT, UNSUPPORTED_TYPE, Merge, merge, policy, policy_size, sid, statement
+from .containment import CONTAINED_SEVERITY, NO_ADDRESS, ROLE_POLICY_LIMIT, UNSUPPORTED_TYPE, Merge, merge, policy, policy_size, rebase, sid, statement
 from .metrics import ACCESS_DENIED, ASSUME_ROLE, AWS_ERROR, OutputMetrics
 from .settings import RespondSettings
 
@@ -38,6 +39,9 @@ ROLE_GONE = "role_gone"  # IAM NoSuchEntity: the role no longer exists
 LIMIT_EXCEEDED = "limit_exceeded"  # IAM LimitExceeded on PutRolePolicy
 POLICY_TOO_LARGE = "policy_too_large"  # the statement cannot fit beside the role's other inline policies
 OTHER_ACCOUNT = "other_account"  # the credentials at hand are another account's (no assume_role_arn)
+# IAM is eventually consistent: for this long after our own PutRolePolicy, our statements are taken from
+# what we wrote rather than from what GetRolePolicy answers (which may still be the older document)
+READ_AFTER_WRITE_SECONDS = 120.0
 IAM_REGIONS = {"aws": "us-east-1", "aws-cn": "cn-north-1", "aws-us-gov": "us-gov-west-1"}
 
 
@@ -73,6 +77,7 @@ class Responder:
         self.aws = aws or AwsAccess(settings, metrics, "detector-respond")
         self.out = out or sys.stdout
         self.seen = Recent(settings.tracked_findings)  # ids handled (contained, skipped or failed for good)
+        self.written: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}  # (account, role) -> our last write
 
     def _skip(self, item: Incoming, reason: str, level: str = "info", **extra: Any) -> None:
         self.seen.put(item.finding.id)
@@ -149,7 +154,7 @@ class Responder:
         region = IAM_REGIONS.get(partition, self.aws.default_region)
         try:
             async with self.aws.client("iam", region, credentials) as iam:
-                result, budget = await self._merge(iam, role, [stmt for _, stmt in entries])
+                result, budget = await self._merge(iam, account, role, [stmt for _, stmt in entries])
                 self._report(result, budget, items, where)
                 if result.changed and policy_size(result.document) <= budget and result.document["Statement"]:
                     document = json.dumps(result.document, separators=(",", ":"))
@@ -157,6 +162,7 @@ class Responder:
                         f"iam:PutRolePolicy {account} {role}",
                         lambda: iam.put_role_policy(RoleName=role, PolicyName=self.settings.policy_name, PolicyDocument=document),
                     )
+                    self.written[(account, role)] = (time.monotonic(), result.document)
                     self.metrics.policies_attached.inc()
                     self.metrics.statements_added.inc(len(result.added))
                     self.metrics.rolled_off.inc(len(result.rolled_off))
@@ -175,7 +181,7 @@ class Responder:
         for item in items:
             self.seen.put(item.finding.id)
 
-    async def _merge(self, iam: Any, role: str, new: list[dict[str, Any]]) -> tuple[Merge, int]:
+    async def _merge(self, iam: Any, account: str, role: str, new: list[dict[str, Any]]) -> tuple[Merge, int]:
         """The role's containment policy merged with ``new``, and the characters it may use."""
         names: list[str] = []
         marker: str | None = None
@@ -197,6 +203,9 @@ class Responder:
             else:
                 others += policy_size(answer["PolicyDocument"])
         budget = ROLE_POLICY_LIMIT - others
+        recent = self.written.get((account, role))
+        if recent is not None and time.monotonic() - recent[0] < READ_AFTER_WRITE_SECONDS:
+            existing = rebase(existing, recent[1])
         return merge(existing, new, budget), budget
 
     def _report(self, result: Merge, budget: int, items: list[Incoming], where: dict[str, str]) -> None:
