@@ -9,7 +9,7 @@ import io
 import json
 import os
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +33,7 @@ from detector.outputs.settings import ExportSettings, RespondSettings
 from detector.replay import Replayer
 from detector.service.app import eventbridge_envelope
 from detector.service.logging import configure_logging
-
-sys.path.insert(0, str(Path(__file__).parent))
-from worldgen import INSIDE, World, make_world  # noqa: E402
+from worldgen import INSIDE, World, make_world
 
 pytestmark = [pytest.mark.kafka, pytest.mark.aws]
 
