@@ -5,6 +5,7 @@ on a findings topic, consumed by the real consumers; faults from a real HTTP pro
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import json
 import os
@@ -272,6 +273,46 @@ async def test_export_invalid_access_from_batch_import_is_a_disabled_hub(
     assert metrics.failed.labels("hub_disabled")._value.get() == len(mine) and metrics.imported._value.get() == 0
     errors = [e for e in log_events(logs) if e.get("event") == "export_failed"]
     assert errors and all(e["account"] == account and account in e["error"] for e in errors)
+
+
+async def test_export_with_own_credentials_and_failed_findings_reported(
+    broker: EmbeddedBroker, moto: MotoServer, aws_ranges: Any, logs: io.StringIO, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """No role template: every finding goes to the process's own account (the Security Hub administrator's
+    way), under that account's product. A finding Security Hub lists in FailedFindings is logged and counted."""
+    from aws_helpers import Fault
+
+    states = world_states(aws_ranges, seed=14)
+    own = moto.client("sts").get_caller_identity()["Account"]
+    findings = [f for f in states.final.values() if f["region"] == REGION][:6]
+    assert len(findings) >= 2
+    moto.client("securityhub").enable_security_hub()
+    topic = unique("findings")
+    await produce(broker.bootstrap, topic, [(f["id"].encode(), orjson.dumps(f)) for f in findings], partitions=1)
+    metrics = ExportMetrics()
+    settings = export_settings(broker.bootstrap, topic, assume_role_arn=None)
+    await drain(FindingConsumer(settings, metrics, SecurityHubExporter(settings, metrics)), len(findings))
+    found = hub_findings(moto, own, REGION)
+    assert set(found) == {f["arn"] for f in findings}
+    assert all(d["ProductArn"] == f"arn:aws:securityhub:{REGION}:{own}:product/{own}/default" for d in found.values())
+    assert {d["AwsAccountId"] for d in found.values()} == {f["accountId"] for f in findings} != {own}
+    # Security Hub rejecting one finding of a call (a real HTTP answer from the proxy)
+    later = copy.deepcopy(findings[0])
+    later["updatedAt"] = "2030-01-01T00:00:00.000Z"
+    answer = {"FailedCount": 1, "SuccessCount": 0, "FailedFindings": [
+        {"Id": later["arn"], "ErrorCode": "InvalidInput", "ErrorMessage": "Finding does not adhere to ASFF"}]}  # fmt: skip
+    proxy = FaultProxy(moto.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    proxy.add(Fault(lambda m, p, b: m == "POST" and p.startswith("/findings/import"), 200, json.dumps(answer).encode(), 1))
+    await produce(broker.bootstrap, topic, [(later["id"].encode(), orjson.dumps(later))], partitions=1)
+    settings = export_settings(broker.bootstrap, topic, assume_role_arn=None)  # a new group: no wait for the old one
+    try:
+        await drain(FindingConsumer(settings, metrics, SecurityHubExporter(settings, metrics)), len(findings) + 1)
+    finally:
+        proxy.stop()
+    assert metrics.failed.labels("rejected")._value.get() == 1
+    (error,) = [e for e in log_events(logs) if e.get("event") == "export_failed"]
+    assert error["reason"] == "rejected" and "InvalidInput" in error["error"] and error["finding_ids"] == [later["id"]]
 
 
 # ======================================================================================================
