@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import boto3
 import orjson
 import pytest
@@ -130,6 +131,11 @@ async def drain(consumer: FindingConsumer, total: int, timeout: float = 60.0) ->
     task = asyncio.create_task(consumer.run())
     try:
         await wait_until(lambda: task.done() or sum(consumer.committed.values()) >= total, timeout=timeout)
+        assert consumer.http is not None
+        async with aiohttp.ClientSession() as http:
+            for path in ("/healthz", "/readyz", "/metrics"):
+                async with http.get(f"http://127.0.0.1:{consumer.http.port}{path}") as resp:
+                    assert resp.status == 200, path
     finally:
         consumer.stop()
         assert await asyncio.wait_for(task, timeout=30) == 0
