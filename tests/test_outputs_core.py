@@ -49,6 +49,9 @@ def test_parse_bare_enveloped_and_bad_messages(findings: list[dict[str, Any]]) -
     f = findings[0]
     assert parsed(f).id == f["id"]
     assert parsed(eventbridge_envelope(f)).data == f
+    # finding_format = "ocsf": an OCSF 1.3 Detection Finding with the GuardDuty-shaped finding under `unmapped`
+    assert parsed({"class_uid": 2004, "category_uid": 2, "activity_id": 1, "finding_info": {"uid": f["id"]}, "unmapped": f}).data == f
+    assert parse_finding(orjson.dumps({"class_uid": 2004, "unmapped": {"note": "no finding"}})) == NOT_A_FINDING
     assert parse_finding(b"{not json") == NOT_JSON
     assert parse_finding(None) == NOT_JSON
     assert parse_finding(b"[1, 2]") == NOT_A_FINDING

@@ -23,6 +23,7 @@ NOT_A_FINDING = "not_a_finding"  # JSON, but no finding object (another EventBri
 UNKNOWN_TYPE = "unknown_type"
 INVALID = "invalid"  # one of our types, but a required field is missing or malformed
 SKIP_REASONS = (NOT_JSON, NOT_A_FINDING, UNKNOWN_TYPE, INVALID)
+OCSF_DETECTION_FINDING = 2004  # OCSF class_uid
 
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 _ACCOUNT_RE = re.compile(r"\d{12}")
@@ -90,8 +91,8 @@ def _get(obj: Any, *path: str) -> Any:
 
 
 def parse_finding(value: bytes | None) -> Finding | str:
-    """The finding in a message value (a bare finding or a ``GuardDuty Finding`` EventBridge event), or
-    the reason to skip it (one of :data:`SKIP_REASONS`)."""
+    """The finding in a message value — a bare finding, a ``GuardDuty Finding`` EventBridge event, or an
+    OCSF Detection Finding carrying it under ``unmapped`` — or the reason to skip it (:data:`SKIP_REASONS`)."""
     if value is None:
         return NOT_JSON
     try:
@@ -102,6 +103,8 @@ def parse_finding(value: bytes | None) -> Finding | str:
         if doc["detail-type"] != "GuardDuty Finding":
             return NOT_A_FINDING
         doc = doc["detail"]
+    if isinstance(doc, dict) and doc.get("class_uid") == OCSF_DETECTION_FINDING and isinstance(doc.get("unmapped"), dict):
+        doc = doc["unmapped"]  # `finding_format = "ocsf"`: the GuardDuty-shaped finding is kept whole there
     if not isinstance(doc, dict) or "type" not in doc:
         return NOT_A_FINDING
     return validate(doc)
