@@ -241,16 +241,31 @@ def ip_ranges_update(url: str | None, output: str | None, force: bool, timeout: 
 
 
 class SettingsCommand(click.Command):
-    """A command taking every service setting as a flag (see detector.service.settings.settings_params).
+    """A command taking every setting of a settings class as a flag (see detector.service.settings.settings_params):
+    ``detector run``'s by default, another one named by ``settings_class="module:Class"``.
 
     The flags are built on first use, so that the other subcommands never import pydantic.
     """
+
+    def __init__(self, *args: Any, settings_class: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings_class = settings_class
+
+    def settings_cls(self) -> Any:
+        import importlib
+
+        from .service.settings import Settings
+
+        if self.settings_class is None:
+            return Settings
+        module, _, name = self.settings_class.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         if not getattr(self, "_settings_params_added", False):
             from .service.settings import settings_params
 
-            self.params.extend(settings_params())
+            self.params.extend(settings_params(self.settings_cls()))
             self._settings_params_added = True
         return super().get_params(ctx)
 
@@ -284,6 +299,59 @@ def run(**kwargs: object) -> None:
         click.echo(f"detector run: start-up error: {exc}", err=True)
         sys.exit(2)
     sys.exit(code)
+
+
+def _serve_outputs(command: str, settings_class: str, build: str, kwargs: dict[str, Any], log_stream: Any = None) -> None:
+    """Start one findings-topic consumer (export, respond): settings, logging, the loop; exit with its status."""
+    import asyncio
+    import importlib
+
+    from .outputs.consumer import serve
+    from .service.logging import configure_logging
+    from .service.settings import SettingsError, settings_from_cli
+
+    module, _, name = settings_class.partition(":")
+    try:
+        settings = settings_from_cli(kwargs, getattr(importlib.import_module(module), name))
+    except SettingsError as exc:
+        click.echo(f"detector {command}: configuration error: {exc}", err=True)
+        sys.exit(2)
+    configure_logging(settings.log_level, settings.log_format, stream=log_stream)
+    module, _, name = build.partition(":")
+    consumer = getattr(importlib.import_module(module), name)(settings)
+    sys.exit(asyncio.run(serve(consumer)))
+
+
+@cli.group("export")
+def export_group() -> None:
+    """Export findings from the findings topic to other security tools."""
+
+
+@export_group.command(
+    "securityhub", cls=SettingsCommand, settings_class="detector.outputs.settings:ExportSettings",
+    context_settings={"show_default": False},
+)  # fmt: skip
+def export_securityhub(**kwargs: Any) -> None:
+    """Consume the findings topic and import every finding into AWS Security Hub (ASFF) in its home account.
+
+    BatchImportFindings into the custom-integration product of the importing account, 100 at a time,
+    retried on throttling; a finding's later states replace the earlier one (UpdatedAt only moves
+    forward). Offsets are committed only after the import. docs/operations.md explains the IAM rights.
+    """
+    _serve_outputs("export securityhub", "detector.outputs.settings:ExportSettings", "detector.outputs.export:exporter", kwargs)
+
+
+@cli.command(cls=SettingsCommand, settings_class="detector.outputs.settings:RespondSettings", context_settings={"show_default": False})
+def respond(**kwargs: Any) -> None:
+    """Consume the findings topic and contain each new High (8) finding with an inline IAM deny policy.
+
+    The policy, on the instance role in the finding's home account, denies the stolen credentials of
+    that one instance (by source address, VPC endpoint, or token issue time) without stopping it.
+    DRY RUN unless --apply: the policy it would attach is printed as one JSON line per role on standard
+    output (logs go to standard error). --role-name-pattern limits the roles it may touch.
+    See docs/runbook.md (what it blocks and how to lift it).
+    """
+    _serve_outputs("respond", "detector.outputs.settings:RespondSettings", "detector.outputs.respond:responder", kwargs, sys.stderr)
 
 
 @cli.command()

@@ -856,7 +856,10 @@ def settings_table(cls: type[KafkaClientSettings], names: typing.Iterable[str] |
 
 # Settings classes of the other long-running commands (``"module:Class"``, imported only to write the
 # docs), documented after `detector run`'s so that the one generated docs/configuration.md covers them all.
-COMMAND_SETTINGS: dict[str, str] = {}
+COMMAND_SETTINGS: dict[str, str] = {
+    "export securityhub": "detector.outputs.settings:ExportSettings",
+    "respond": "detector.outputs.settings:RespondSettings",
+}
 
 
 def _command_settings() -> list[tuple[str, type[KafkaClientSettings]]]:
