@@ -41,6 +41,7 @@ from .. import ipranges
 from ..core import changelog
 from ..core.engine import Engine, MalformedRecord, check_decidable, record_instances, session_parts
 from ..core.findings import render
+from ..core.ocsf import to_ocsf
 from ..core.ordering import Watermark, event_time_key, merge_runs, releasable
 from ..core.records import BAD_RECORD, INVALID_JSON, decode_fast, is_cloudtrail_record, is_state_change
 from ..core.state import DetectorState, EngineConfig, FindingGroup
@@ -81,6 +82,15 @@ def eventbridge_envelope(finding: dict[str, Any]) -> dict[str, Any]:
         "resources": [],
         "detail": finding,
     }
+
+
+def finding_body(finding: dict[str, Any], new: bool, finding_format: str, envelope: bool) -> dict[str, Any]:
+    """What goes on the findings topic for one finding state (``finding_format``; the envelope wraps only
+    the GuardDuty-shaped format, the settings reject it with ``ocsf``). ``new``: the first state published
+    of a group opened since (an OCSF Create); the later ones are Updates."""
+    if finding_format == "ocsf":
+        return to_ocsf(finding, new=new)
+    return eventbridge_envelope(finding) if envelope else finding
 
 
 def route_keys(record: dict[str, Any]) -> list[str]:
@@ -598,7 +608,8 @@ class DetectStage(Stage):
         for group in groups:
             finding = render(group)
             rendered.append((group, finding))
-            body = eventbridge_envelope(finding) if s.eventbridge_envelope else finding
+            new = group.id in service.publisher.fresh
+            body = finding_body(finding, new, s.finding_format, s.eventbridge_envelope)
             self.outbox.append((s.findings_topic, orjson.dumps(body), group.id.encode(), [], None))
 
         def delivered() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.helpers import create_ssl_context
 
-from .settings import Settings, SettingsError
+from .settings import KafkaClientSettings, Settings, SettingsError
 
 PRODUCER_LINGER_MS = 0  # outputs are sent as a batch then awaited at once: lingering only adds latency
 
@@ -72,7 +72,7 @@ class FileTokenProvider(AbstractTokenProvider):
         return token
 
 
-def ssl_context(settings: Settings) -> ssl.SSLContext:
+def ssl_context(settings: KafkaClientSettings) -> ssl.SSLContext:
     """The client TLS context: CA file (else the system CAs), optional client certificate, hostname check.
 
     Raises :class:`SettingsError` naming the setting when a file cannot be loaded. An encrypted key with
@@ -96,7 +96,7 @@ def ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-def kafka_common_kwargs(settings: Settings) -> dict[str, Any]:
+def kafka_common_kwargs(settings: KafkaClientSettings) -> dict[str, Any]:
     """Connection arguments shared by AIOKafkaConsumer, AIOKafkaProducer and AIOKafkaAdminClient."""
     kwargs: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap_servers,
