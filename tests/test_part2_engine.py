@@ -487,3 +487,15 @@ def test_split_replay_applies_lifecycle_records_as_one_process_does(handoff: str
         results.append(sorted((f["type"], f["resource"]["instanceDetails"]["instanceId"]) for f in replayer.findings()))
     assert results[0] == results[1]
     assert [i for kind, i in results[0] if kind == AFTER_STOP] == sorted([I, J, K])
+
+
+def test_over_the_findings_cap_low_groups_go_first() -> None:
+    from detector.core import EngineConfig
+
+    engine = Engine(REGISTRY, AWS)
+    state = DetectorState(EngineConfig(max_findings=2))
+    engine.apply(state, rec("8.8.8.8", time=t(0)))  # OutsideAWS, the oldest group
+    for n, instance in enumerate((J, K)):  # two IMDSv1 groups, newer
+        engine.apply(state, rec("s3.amazonaws.com", instance=instance, time=t(1 + n), delivery="1.0"))
+    engine.apply(state, rec("s3.amazonaws.com", time=t(10, hour=9)))  # a sweep, an hour later
+    assert sorted(g.type for g in state.groups.values()) == [IMDSV1, OUTSIDE_AWS]

@@ -56,7 +56,7 @@ MEDIUM = 5
 LOW = 2
 
 DEFAULT_STOP_GRACE_SECONDS = 600.0
-MAX_API_PAIRS = 1024  # distinct eventSource/eventName pairs counted per group; the rest go to OTHER
+MAX_API_PAIRS = 1024  # distinct eventSource/eventName pairs counted per group (OTHER included)
 MAX_ERROR_CODES = 64
 OTHER = "\x00other"  # the key counting what is beyond those bounds
 
@@ -973,24 +973,21 @@ class Engine:
 def _count_call(group: FindingGroup, record: Any) -> None:
     """SPEC §13: the group's eventSource/eventName pairs and errorCodes, counted (bounded)."""
     source, name = record.get("eventSource"), record.get("eventName")
-    if type(source) is not str:
-        source = ""
-    if type(name) is not str:
-        name = ""
+    pair = f"{source if type(source) is str else ''}\x1f{name if type(name) is str else ''}"
     calls = group.api_calls
-    by_name = calls.get(source)
-    count = by_name.get(name) if by_name is not None else None
+    count = calls.get(pair)
     if count is not None:  # the usual case: a pair seen before
-        by_name[name] = count + 1  # type: ignore[index]
+        calls[pair] = count + 1
+    elif len(calls) < MAX_API_PAIRS:
+        calls[pair] = 1
     else:
-        if sum(len(v) for v in calls.values()) >= MAX_API_PAIRS:
-            source, name = OTHER, OTHER
-        by_name = calls.setdefault(source, {})
-        by_name[name] = by_name.get(name, 0) + 1
+        calls[OTHER] = calls.get(OTHER, 0) + 1
     code = record.get("errorCode")
     if code is not None:
         code = code if isinstance(code, str) else str(code)
         codes = group.error_codes
+        if codes is None:
+            codes = group.error_codes = {}
         if code not in codes and len(codes) >= MAX_ERROR_CODES:
             code = OTHER
         codes[code] = codes.get(code, 0) + 1

@@ -994,8 +994,8 @@ class FindingGroup:
         # SPEC part two
         "other_instance",  # §12: the other instance J of the group (type, session key, J)
         "evidence",  # §11/§12: the rule's evidence of the latest record (dict, additionalInfo fields)
-        "api_calls",  # §13: {eventSource: {eventName: count}} of the group's records
-        "error_codes",  # §13: {errorCode: count}
+        "api_calls",  # §13: {"<eventSource>\x1f<eventName>": count} of the group's records
+        "error_codes",  # §13: {errorCode: count}, None until the first errorCode
     )
 
     def __init__(self, **values: Any) -> None:
@@ -1003,8 +1003,6 @@ class FindingGroup:
             setattr(self, name, values.get(name))
         if self.api_calls is None:
             self.api_calls = {}
-        if self.error_codes is None:
-            self.error_codes = {}
 
     def to_data(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self.__slots__}
@@ -1162,7 +1160,9 @@ class DetectorState:
         group_horizon = now - self.config.finding_ttl_seconds
         stale = [gid for gid, g in self.groups.items() if g.last_ts < group_horizon]
         if len(self.groups) - len(stale) > self.config.max_findings:
-            by_age = sorted(self.groups.values(), key=lambda g: g.last_ts)
+            # Over the cap: the least severe go first (SPEC §13's Low IMDSv1 groups can be many; they must
+            # not push High findings out of the state), the oldest first among equals.
+            by_age = sorted(self.groups.values(), key=lambda g: (g.severity or 0, g.last_ts))
             stale = [g.id for g in by_age[: len(self.groups) - self.config.max_findings]]
         for gid in stale:
             del self.groups[gid]
