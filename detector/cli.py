@@ -107,7 +107,7 @@ def replay(
     except (RegistryError, IpRangesError, InputError) as exc:
         click.echo(f"detector replay: error: {exc}", err=True)
         sys.exit(2)
-    findings = replayer.findings(finding_format.lower())
+    findings = replayer.iter_findings(finding_format.lower())
     if output == "-":
         write_findings(findings, sys.stdout.buffer)
         sys.stdout.flush()

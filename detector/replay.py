@@ -21,7 +21,7 @@ import sys
 import time
 import zlib
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -561,13 +561,18 @@ class Replayer:
     def findings(self, finding_format: str = "guardduty") -> list[dict[str, Any]]:
         """The final state of every finding group: GuardDuty-shaped, or (``ocsf``) an OCSF 1.3 Detection
         Finding, activity Create (a replay writes each group once: its first and only publication)."""
+        return list(self.iter_findings(finding_format))
+
+    def iter_findings(self, finding_format: str = "guardduty") -> Iterator[dict[str, Any]]:
+        """:meth:`findings`, rendered one at a time (a replay with many groups — SPEC §13's IMDSv1 findings
+        are one per session — never holds every rendered finding at once)."""
         if finding_format == "ocsf":
             from .core.ocsf import to_ocsf
 
-            return [to_ocsf(render(group), new=True) for group in self.final.values()]
-        return [render(group) for group in self.final.values()]
+            return (to_ocsf(render(group), new=True) for group in self.final.values())
+        return (render(group) for group in self.final.values())
 
 
-def write_findings(findings: list[dict[str, Any]], out: IO[bytes]) -> None:
+def write_findings(findings: Iterable[dict[str, Any]], out: IO[bytes]) -> None:
     for finding in findings:
         out.write(orjson.dumps(finding) + b"\n")
