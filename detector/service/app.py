@@ -44,7 +44,7 @@ from ..core.records import BAD_RECORD, INVALID_JSON, decode_fast, is_cloudtrail_
 from ..core.state import DetectorState, EngineConfig, FindingGroup
 from ..registry import RegistryError, load_registry
 from .http import HttpServer
-from .kafka_config import consumer_kwargs, kafka_common_kwargs, producer_kwargs, transactions_enabled
+from .kafka_config import access_problem, consumer_kwargs, kafka_common_kwargs, producer_kwargs, transactions_enabled
 from .logging import record_context
 from .metrics import Metrics
 from .publisher import FindingPublisher
@@ -139,6 +139,7 @@ class Stage(ABC):
         self.processed: dict[TopicPartition, int] = {}  # next offset to commit
         self.committed: dict[TopicPartition, int] = {}
         self.assigned: set[TopicPartition] = set()
+        self.joined = False  # this stage's consumer has had its first assignment (maybe empty)
         self.outbox: list[Output] = []
 
     @abstractmethod
@@ -233,6 +234,7 @@ class Stage(ABC):
         kwargs = consumer_kwargs(self.service.settings)
         kwargs["group_id"] = self.group_id
         self.consumer = AIOKafkaConsumer(**kwargs)
+        self.joined = False
         await self.consumer.start()
         self.subscribe(self.consumer, _Listener(self))
 
@@ -301,6 +303,7 @@ class Stage(ABC):
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self.service.metrics.rebalances.labels("assigned").inc()
         self.assigned |= assigned
+        self.joined = True
         self.added(assigned)
         self.service.partitions_changed()
         log.info("partitions_assigned", stage=self.name, partitions=sorted(_label(tp) for tp in assigned))
@@ -802,6 +805,8 @@ class DetectorService:
             self._connected
             and self._broker_reachable
             and not self.stopping.is_set()
+            and self.route.joined
+            and self.detect.joined
             and bool(self.route.assigned or self.detect.assigned)
             and not self.detect.restoring
         )
@@ -879,6 +884,9 @@ class DetectorService:
         while not self.stopping.is_set():
             attempt += 1
             try:
+                problem = await access_problem(s)
+                if problem is not None:
+                    raise StartupError(problem)
                 await self._ensure_topics()
                 self.producer = AIOKafkaProducer(**producer_kwargs(s))
                 await self.producer.start()
