@@ -54,7 +54,14 @@ def run_detector() -> Callable[..., subprocess.CompletedProcess[bytes]]:
     return run
 
 
-# -- the Kafka test broker (tests/kafka_support.py): named in the header and in the summary ----------
+# -- the Kafka test broker (tests/kafka_support.py): one per session, named in the header and summary ---
+@pytest.fixture(scope="session")
+def kafka_session_broker(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from kafka_support import session_broker
+
+    yield from session_broker(tmp_path_factory)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     from kafka_support import planned_broker
 

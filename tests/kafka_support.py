@@ -88,8 +88,8 @@ def start_test_broker(workdir: Path) -> ApacheKafkaBroker | TansuBroker:
     return TansuBroker().start()
 
 
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKafkaBroker | TansuBroker]:
+def session_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKafkaBroker | TansuBroker]:
+    """The body of conftest.py's ``kafka_session_broker`` fixture: started once, stopped at the end."""
     b = start_test_broker(tmp_path_factory.mktemp("kafka"))
     SESSION_BROKER.append(f"Kafka tests ran against {b.describe()}")
     if b.real:
@@ -98,6 +98,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApacheKafkaBrok
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture(scope="session")
+def broker(kafka_session_broker: ApacheKafkaBroker | TansuBroker) -> ApacheKafkaBroker | TansuBroker:
+    """The session's broker. Each module imports this name, which makes a fixture per module: the broker
+    itself is conftest.py's one ``kafka_session_broker``, so the whole session shares one."""
+    return kafka_session_broker
 
 
 def require_real(broker: Any, what: str) -> None:
@@ -318,6 +325,7 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interv
 
 __all__ = [
     "broker",
+    "DetectorProcess",
     "proxied_broker",
     "require_real",
     "committed_offsets",
@@ -347,3 +355,84 @@ def service_settings(bootstrap: str, prefix: str, **overrides: Any) -> Settings:
         "log_level": "warning",
     }
     return Settings(**(values | overrides))
+
+
+class DetectorProcess:
+    """``python -m detector run`` on ``settings`` (as DETECTOR_* variables, ``env`` on top), output
+    appended to ``log``: a service a test can SIGKILL for real, watched through its /metrics."""
+
+    def __init__(self, settings: Settings, log: Path, env: dict[str, str] | None = None) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        values = dict(os.environ)
+        values.update(
+            {
+                "DETECTOR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+                "DETECTOR_INPUT_TOPICS": settings.input_topics,
+                "DETECTOR_FINDINGS_TOPIC": settings.findings_topic,
+                "DETECTOR_DLQ_TOPIC": settings.dlq_topic,
+                "DETECTOR_GROUP_ID": settings.group_id,
+                "DETECTOR_HTTP_PORT": str(self.port),
+                "DETECTOR_FINDING_UPDATE_SECONDS": str(settings.finding_update_seconds),
+                "DETECTOR_STATE_PARTITIONS": str(settings.state_partitions),
+                "DETECTOR_LOG_LEVEL": "info",
+            }
+        )
+        if settings.registry is not None:
+            values["DETECTOR_REGISTRY"] = str(settings.registry)
+        values.update(env or {})
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "detector", "run"], env=values, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    async def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics summed over its labels ({} while it does not answer)."""
+        import aiohttp
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{self.port}/metrics") as resp:
+                    text = await resp.text()
+        except aiohttp.ClientError:
+            return {}
+        values: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+        return values
+
+    async def status(self, path: str) -> int | None:
+        """The HTTP status of ``path`` (/readyz, /healthz), None while nothing answers."""
+        import aiohttp
+
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{self.port}{path}") as resp:
+                    return resp.status
+        except aiohttp.ClientError:
+            return None
+
+    async def ready(self) -> bool:
+        return await self.status("/readyz") == 200
+
+    def kill(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def ensure_stopped(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

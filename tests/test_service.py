@@ -178,7 +178,8 @@ async def test_held_back_updates_pin_the_commit_until_published(broker: Embedded
     service, task = await start(s)
     librdkafka_produce(broker.bootstrap, s.input_topics, world_messages(WORLD))
     await wait_consumed(service, world_records_total())
-    await asyncio.sleep(1.0)
+    # the detect stage has committed what it may (its loop commits after each batch it settles)
+    await wait_until(lambda: service.detect.committed and not service.detect.outbox, timeout=30)
     assert service.publisher.pending, "the sample world updates open findings"
     pins: dict[int, int] = {}
     for _, offsets in service.publisher.pending.values():
