@@ -132,7 +132,10 @@ class ApacheKafkaBroker:
     real = True  # transactions, idempotence, TLS, SASL, compaction, durable log: what tansu lacks
 
     def __init__(self, workdir: Path, version: str = KAFKA_VERSION, host: str = "127.0.0.1") -> None:
-        import trustme
+        try:
+            import trustme
+        except ImportError:
+            raise KafkaUnavailable("the test CA needs trustme (a dev dependency): pip install -e '.[dev]'") from None
 
         self.version = version
         self.host = host
