@@ -20,6 +20,7 @@ needs no JDK); it lives in tests/ with the pom that pins the version.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 import shutil
@@ -253,9 +254,9 @@ class ApacheKafkaBroker:
         log = open(self._log_path, "ab")
         self.process = subprocess.Popen(
             self._java("kafka.Kafka", str(config)), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
         )
         log.close()
+        atexit.register(self._kill, self.process)  # never outlive the test session, even on an error path
         self.wait_ready(timeout)
         return self
 
@@ -295,6 +296,12 @@ class ApacheKafkaBroker:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+    @staticmethod
+    def _kill(process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
     def restart(self, timeout: float = 90.0) -> None:
         self.stop()
