@@ -93,7 +93,14 @@ def provision(version: str = KAFKA_VERSION, timeout: float = 600.0) -> Path:
     libs, marker = home / "libs", home / "libs.complete"
     if marker.exists():
         return libs
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return _download(version, home, libs, marker, timeout)
+    except OSError as exc:
+        raise KafkaUnavailable(f"cannot provision Apache Kafka {version} in {home}: {exc}") from None
+
+
+def _download(version: str, home: Path, libs: Path, marker: Path, timeout: float) -> Path:
     with open(home / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.exists():
