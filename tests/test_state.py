@@ -290,7 +290,13 @@ async def test_trust_on_first_use_baseline_survives_sigkill(broker: EmbeddedBrok
             return values.get("detector_detect_records_total", 0) >= 1 and values.get("detector_commits_total", 0) >= 2
 
         await wait_until(learnt_and_committed, timeout=60)
-        await asyncio.sleep(1.0)
+
+        async def detect_committed_all() -> bool:  # the learnt baseline is behind a committed offset
+            done = await committed_offsets(broker.bootstrap, s.detect_group_id, s.sessions_topic_name, s.state_partitions)
+            ends = await end_offsets(broker.bootstrap, s.sessions_topic_name, s.state_partitions)
+            return sum(ends.values()) >= 1 and {p: c or 0 for p, c in done.items()} == ends
+
+        await wait_until(detect_committed_all, timeout=30, interval=0.2)
         proc.kill()
         proc = Process(s, log)
         await wait_until(proc.ready, timeout=60)
