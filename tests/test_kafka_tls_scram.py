@@ -126,3 +126,20 @@ def test_untrusted_ca_fails_at_start_up_naming_ssl_cafile(broker: Any, tmp_path:
     assert "start-up error: ssl_cafile" in done.stderr
     assert str(stranger) in done.stderr and broker.secure_bootstrap in done.stderr
     assert password not in done.stdout + done.stderr
+
+
+async def test_an_unreachable_secure_broker_is_an_outage_not_a_configuration_error(tmp_path: Path) -> None:
+    """Nothing listening: access_problem has nothing to blame on a setting, so start-up keeps retrying."""
+    import trustme
+
+    from detector.embedded import free_port
+    from detector.service.kafka_config import access_problem
+    from detector.service.settings import Settings
+
+    cafile = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(cafile))
+    settings = Settings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}", security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="u", sasl_password="p", ssl_cafile=cafile,
+    )  # fmt: skip
+    assert await access_problem(settings, timeout=5) is None
