@@ -708,8 +708,12 @@ async def restore_partition(
     ``(records applied, records skipped)``.
     """
     restored = skipped = 0
+    # With transactions, the changelog holds the records of aborted transactions too: one tagged with a
+    # source offset that its successor consumed again and committed would pass the skip rule below.
+    isolation = "read_committed" if transactions_enabled(settings) else "read_uncommitted"
     reader = AIOKafkaConsumer(
         **kafka_common_kwargs(settings), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+        isolation_level=isolation,
     )
     await reader.start()
     try:
