@@ -16,7 +16,6 @@ import aiohttp
 import orjson
 import pytest
 from kafka_support import (  # noqa: F401 - fixtures
-    TcpProxy,
     broker,
     committed_offsets,
     create_topics,
