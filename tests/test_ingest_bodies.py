@@ -167,13 +167,16 @@ def test_event_keys() -> None:
 # --- splitting -----------------------------------------------------------------------------------
 
 
-def split(data: bytes, chunk: int) -> list[Any]:
-    splitter = ObjectSplitter(max_piece=4096)
-    out: list[Any] = []
+def split(data: bytes, chunk: int, **options: int) -> list[Any]:
+    """The values of the records, checking that each raw slice is exactly the text of its value."""
+    splitter = ObjectSplitter(max_piece=4096, **options)
+    out: list[tuple[bytes, Any]] = []
     for i in range(0, len(data), chunk):
         out.extend(splitter.feed(data[i : i + chunk]))
     out.extend(splitter.close())
-    return out
+    for raw, value in out:
+        assert orjson.loads(raw) == value and raw == raw.strip()
+    return [value for _, value in out]
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000, 1 << 20])
@@ -190,6 +193,7 @@ def test_pretty_printed_and_multi_member_gzip() -> None:
     records = [record(n) for n in range(5)]
     text = json.dumps({"Records": records}, indent=4).encode()
     assert split(text, 13) == records
+    assert split(b'{"Records":[]}', 3) == [] and split(b' \n{ "Records" : [ 1 , {"a": "]}"} ] }\n', 2) == [1, {"a": "]}"}]
     half = len(text) // 2
     assert split(gzip.compress(text[:half]) + gzip.compress(text[half:]), 50) == records
 
@@ -232,7 +236,7 @@ def test_oversized_object_in_bounded_memory() -> None:
         for part in big_log_file(25_000):
             total += len(part)
             for chunk in (compressor.compress(part),):
-                for rec in splitter.feed(chunk):
+                for _, rec in splitter.feed(chunk):
                     count += 1
                     assert rec["eventID"] == "id-0"
         for rec in splitter.feed(compressor.flush()):
@@ -243,3 +247,36 @@ def test_oversized_object_in_bounded_memory() -> None:
         tracemalloc.stop()
     assert count == 25_000 and total > 50_000_000 and splitter.bytes_out == total
     assert peak < 8_000_000, peak
+
+
+def test_records_full_of_nested_arrays_of_objects_take_the_exact_scan() -> None:
+    """More nested '},' than the fast guesses allow: the exact scan finds the element's end."""
+    nested = {"items": [{"k": n, "s": "},{\"x\": ]"} for n in range(200)], "deep": [[[{"a": [{"b": 1}, {"c": 2}]}]]]}
+    records = [record(n, responseElements=nested) for n in range(3)] + [record(9)]
+    data = json.dumps({"Records": records}).encode()
+    for chunk in (7, 500, len(data)):
+        assert split(data, chunk) == records
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"Records": [{"a": 1}], "other": 2}',
+        b'{"Records": [{"a": 1}]} trailing',
+        b'{"Records": [{"a": 1} {"b": 2}]}',
+        b'{"Records": [{"a": 1},]}',
+        b'{"Records": [{"a": nope}]}',
+        b'{"Records": [{"a": 1}',
+    ],
+)
+def test_malformed_log_files(data: bytes) -> None:
+    with pytest.raises(BodyError) as err:
+        split(data, 5)
+    assert err.value.reason == NOT_CLOUDTRAIL
+
+
+def test_a_record_longer_than_the_limit_is_an_error_not_a_memory_hog() -> None:
+    data = json.dumps({"Records": [record(0), record(1, padding="x" * 50_000)]}).encode()
+    with pytest.raises(BodyError, match="longer than"):
+        split(data, 4096, max_record=20_000)
+    assert len(split(data, 4096, max_record=100_000)) == 2

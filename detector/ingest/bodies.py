@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
-import ijson
 import orjson
 
 # Reasons (the `reason` label of detector_ingest_failures_total).
@@ -223,24 +222,26 @@ class ObjectSplitter:
     """The records of one CloudTrail log file, from its bytes fed in chunks of any size.
 
     Gzip (recognised by its magic bytes, not the key) or plain JSON ``{"Records": [...]}``. Decompression
-    is bounded (``max_piece`` output bytes at a time) and the JSON is parsed incrementally (ijson), so
-    memory holds one piece and the record being parsed, whatever the object's size. Each element of
-    ``Records`` comes out as a JSON value (normally a dict); the caller serialises it.
+    is bounded (``max_piece`` output bytes at a time) and the elements of ``Records`` are cut out of the
+    text incrementally (:class:`RecordsSplitter`), so memory holds one piece and the record being cut,
+    whatever the object's size. Each element comes out as ``(raw, value)``: its bytes exactly as in the
+    file, and the parsed JSON value (normally a dict).
     """
 
-    def __init__(self, max_piece: int = 1 << 20) -> None:
+    def __init__(self, max_piece: int = 1 << 20, max_record: int = 64 << 20) -> None:
         self.max_piece = max_piece
         self.compressed: bool | None = None  # decided by the first two bytes
         self.bytes_in = 0  # object bytes fed
-        self.bytes_out = 0  # JSON bytes parsed (decompressed)
         self._inflate: Any = None
-        self._head = b""
-        self._items: list[Any] = ijson.sendable_list()
-        self._parser = ijson.items_coro(self._items, "Records.item", use_float=True)
-        self._checked = False
         self._magic = b""
+        self._records = RecordsSplitter(max_record)
 
-    def feed(self, chunk: bytes) -> Iterator[Any]:
+    @property
+    def bytes_out(self) -> int:
+        """JSON bytes parsed (decompressed)."""
+        return self._records.bytes_in
+
+    def feed(self, chunk: bytes) -> Iterator[tuple[bytes, Any]]:
         """The records completed by ``chunk`` (a generator: consume it before feeding the next chunk)."""
         if not chunk:
             return
@@ -254,7 +255,7 @@ class ObjectSplitter:
             if self.compressed:
                 self._inflate = zlib.decompressobj(wbits=31)
         if not self.compressed:
-            yield from self._parse(chunk)
+            yield from self._records.feed(chunk)
             return
         data = chunk
         while data:
@@ -266,44 +267,152 @@ class ObjectSplitter:
             if self._inflate.eof and self._inflate.unused_data:  # a multi-member gzip file: next member
                 data = self._inflate.unused_data
                 self._inflate = zlib.decompressobj(wbits=31)
-            yield from self._parse(piece)
+            yield from self._records.feed(piece)
 
-    def close(self) -> Iterator[Any]:
+    def close(self) -> Iterator[tuple[bytes, Any]]:
         """The last records; raises :class:`BodyError` if the object ended early or was not a log file."""
         if self.compressed is None and self._magic:  # a one-byte object
             self.compressed = False
-            yield from self._parse(self._magic)
+            yield from self._records.feed(self._magic)
         if self.compressed and self._inflate is not None and not self._inflate.eof:
             raise BodyError(BAD_GZIP, "gzip stream ends early (truncated object)")
-        if not self._checked:
-            yield from self._parse(b"", final=True)
-        try:
-            self._parser.close()
-        except ijson.JSONError as exc:
-            raise BodyError(NOT_CLOUDTRAIL, f"object is not a complete CloudTrail log file ({exc})") from None
-        yield from self._drain()
+        yield from self._records.close()
 
-    def _parse(self, data: bytes, final: bool = False) -> Iterator[Any]:
-        self.bytes_out += len(data)
-        if not self._checked:  # hold the first bytes until they show the log file's opening
-            self._head += data
-            if len(self._head) < _HEAD_BYTES and not final:
-                return
-            if not _LOG_FILE_HEAD.match(self._head):
+
+_WS = b" \t\r\n"
+_OBJECT_END = re.compile(rb"\}(?=[ \t\r\n]*[,\]])")  # a '}' that may close an element of the array
+# CloudTrail writes every record starting with eventVersion: then a '}' closes one only when the next record
+# or the end of the array (and of the text so far) follows, which nested arrays of objects hardly ever fake.
+_RECORD_START = b'{"eventVersion"'
+_RECORD_END = re.compile(rb'\}(?=[ \t\r\n]*(?:,[ \t\r\n]*\{"eventVersion"|\][ \t\r\n]*\}[ \t\r\n]*\Z))')
+_RECORD_SEARCH = 1 << 20  # past this many bytes (or at the end) without such a '}', any '}' may close it
+_VALUE_END = re.compile(rb"[^ \t\r\n,\]](?=[ \t\r\n]*[,\]])")
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]', re.DOTALL)  # strings and brackets, for the exact scan
+_SCALAR = re.compile(rb"[^ \t\r\n,\]]+")
+_RESCAN = 1024  # bytes searched again when more text comes (a candidate '}' may have lacked its delimiter)
+_GUESSES = 16  # failed candidate ends of one element before the exact scan
+
+
+class RecordsSplitter:
+    """The elements of the top-level ``Records`` array of a JSON text fed in pieces, as ``(raw, value)``.
+
+    An element's end is found fast: the next ``}`` followed by ``,`` or ``]`` is a candidate, and the
+    candidate is right when the bytes up to it parse as JSON (orjson). After ``_GUESSES`` wrong candidates
+    (an element full of nested arrays of objects) an exact scan of its strings and brackets takes over,
+    so the cost stays linear. An element longer than ``max_record`` bytes is an error, which bounds the
+    memory whatever the input.
+    """
+
+    def __init__(self, max_record: int = 64 << 20) -> None:
+        self.max_record = max_record
+        self.bytes_in = 0
+        self._buf = bytearray()
+        self._state = "head"  # head -> value | delimiter -> tail -> done
+        self._first = True
+        self._scan = 0  # where the search for the current element's end resumes
+        self._guesses = 0
+        self._generic = False  # the current element is searched for with _OBJECT_END
+
+    def feed(self, data: bytes, final: bool = False) -> list[tuple[bytes, Any]]:
+        self.bytes_in += len(data)
+        buf = self._buf
+        buf += data
+        out: list[tuple[bytes, Any]] = []
+        pos = 0
+        if self._state == "head":
+            if len(buf) < _HEAD_BYTES and not final:
+                return out
+            m = _LOG_FILE_HEAD.match(buf)
+            if m is None:
                 raise BodyError(NOT_CLOUDTRAIL, 'object does not start like a CloudTrail log file ({"Records": [...]})')
-            self._checked = True
-            data, self._head = self._head, b""
-        if not data:
-            return
+            pos, self._state = m.end(), "value"
+        n = len(buf)
+        while self._state in ("value", "delimiter"):
+            while pos < n and buf[pos] in _WS:
+                pos += 1
+            if pos >= n:
+                break
+            c = buf[pos]
+            if self._state == "delimiter" or (self._first and c == 0x5D):
+                if c == 0x2C and self._state == "delimiter":  # ','
+                    self._state, pos = "value", pos + 1
+                elif c == 0x5D:  # ']'
+                    self._state, pos = "tail", pos + 1
+                else:
+                    raise BodyError(NOT_CLOUDTRAIL, "Records is not a JSON array of records")
+                continue
+            found = self._element(buf, pos, final)
+            if found is None:
+                if n - pos > self.max_record:
+                    raise BodyError(NOT_CLOUDTRAIL, f"a record longer than {self.max_record} bytes (or not JSON)")
+                break
+            end, value = found
+            out.append((bytes(buf[pos:end]), value))
+            pos, self._state, self._first, self._scan, self._guesses, self._generic = end, "delimiter", False, 0, 0, False
+        if self._state == "tail":
+            rest = bytes(buf[pos:]).strip(_WS)
+            if rest == b"}":
+                self._state, pos = "done", len(buf)
+            elif rest:
+                raise BodyError(NOT_CLOUDTRAIL, "the log file holds more than its Records array")
+        elif self._state == "done" and bytes(buf[pos:]).strip(_WS):
+            raise BodyError(NOT_CLOUDTRAIL, "bytes after the end of the log file")
+        del buf[:pos]
+        return out
+
+    def close(self) -> list[tuple[bytes, Any]]:
+        out = self.feed(b"", final=True)
+        if self._state != "done":
+            raise BodyError(NOT_CLOUDTRAIL, "object is not a complete CloudTrail log file (ends early or is not JSON)")
+        return out
+
+    def _element(self, buf: bytearray, start: int, final: bool) -> tuple[int, Any] | None:
+        """(end, value) of the element starting at ``start``, or None when it is not complete yet."""
+        if buf[start] != 0x7B:
+            pattern = _VALUE_END
+        elif buf.startswith(_RECORD_START, start) and not self._generic:
+            pattern = _RECORD_END
+        else:
+            pattern = _OBJECT_END
+        scan = max(start, start + self._scan)
+        while self._guesses < _GUESSES:
+            m = pattern.search(buf, scan)
+            if m is None:
+                if pattern is _RECORD_END and (final or len(buf) - start > _RECORD_SEARCH):
+                    self._generic, self._scan = True, 0  # not followed by another CloudTrail record
+                    return self._element(buf, start, final)
+                self._scan = max(scan, len(buf) - _RESCAN) - start
+                return None
+            end = m.end()
+            try:
+                return end, orjson.loads(bytes(buf[start:end]))
+            except orjson.JSONDecodeError:
+                self._guesses += 1
+                scan = end
+        end = _exact_end(buf, start)
+        if end is None:
+            return None
         try:
-            self._parser.send(data)
-        except ijson.JSONError as exc:
-            raise BodyError(NOT_CLOUDTRAIL, f"object is not valid JSON ({exc})") from None
-        yield from self._drain()
+            return end, orjson.loads(bytes(buf[start:end]))
+        except orjson.JSONDecodeError as exc:
+            if final:
+                raise BodyError(NOT_CLOUDTRAIL, f"a Records element is not valid JSON ({exc})") from None
+            return None  # the text may end inside a string: wait for more
 
-    def _drain(self) -> Iterator[Any]:
-        if self._items:
-            items = list(self._items)
-            del self._items[:]
-            yield from items
 
+def _exact_end(buf: bytearray, start: int) -> int | None:
+    c = buf[start]
+    if c not in (0x7B, 0x5B, 0x22):  # a number or a literal
+        m = _SCALAR.match(buf, start)
+        return m.end() if m and m.end() < len(buf) else None
+    depth = 0
+    for m in _TOKEN.finditer(buf, start):
+        token = m.group()
+        if token[0] == 0x22:
+            if depth == 0:
+                return m.end()
+            continue
+        depth += 1 if token in (b"{", b"[") else -1
+        if depth == 0:
+            return m.end()
+    return None

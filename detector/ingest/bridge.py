@@ -53,6 +53,7 @@ _DENIED = frozenset({"AccessDenied", "AccessDeniedException", "403", "KMS.Access
 # oversized object can take in the producer's buffers.
 PENDING_ACKS = 2000
 PENDING_BYTES = 16 * 1024 * 1024
+PRODUCER_BATCH_BYTES = 1024 * 1024  # aiokafka's 16 KB default costs a round trip per ten records
 
 
 class StartupError(Exception):
@@ -209,7 +210,8 @@ class IngestService:
         while not self.stopping.is_set():
             attempt += 1
             producer = AIOKafkaProducer(
-                **kafka_common_kwargs(s), acks="all", linger_ms=5, max_request_size=s.max_message_bytes
+                **kafka_common_kwargs(s), acks="all", linger_ms=5, max_request_size=s.max_message_bytes,
+                max_batch_size=PRODUCER_BATCH_BYTES,
             )
             try:
                 await producer.start()
@@ -361,7 +363,7 @@ class IngestService:
         return "deleted"
 
     async def _read_object(self, obj: S3Object, acks: _Acks) -> None:
-        splitter = ObjectSplitter()
+        splitter = ObjectSplitter(max_record=self.settings.max_message_bytes)
         where = f"s3://{obj.bucket}/{obj.key}"
         produced = 0
         try:
@@ -369,11 +371,11 @@ class IngestService:
             async with answer["Body"] as stream:
                 while chunk := await stream.read(self.settings.object_chunk_bytes):
                     self.metrics.bytes.inc(len(chunk))
-                    for record in splitter.feed(chunk):
-                        await acks.send(orjson.dumps(record), record_key(record))
+                    for raw, record in splitter.feed(chunk):
+                        await acks.send(raw, record_key(record))
                         produced += 1
-            for record in splitter.close():
-                await acks.send(orjson.dumps(record), record_key(record))
+            for raw, record in splitter.close():
+                await acks.send(raw, record_key(record))
                 produced += 1
             await acks.wait()
         except MessageFailed:
