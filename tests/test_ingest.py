@@ -496,7 +496,10 @@ async def test_visibility_is_renewed_while_a_message_is_in_work(broker: Embedded
         with aws_env(proxy.url):
             service, task = await start_ingest(ingest_settings(broker.bootstrap, topic, url, visibility_timeout_seconds=2))
             aws.client("s3").put_object(Bucket=bucket, Key="a.json.gz", Body=log_file([ct_record(1)]))
+            await wait_until(lambda: sample(service, "detector_ingest_oldest_message_age_seconds") > 2.5, timeout=30)
+            assert sample(service, "detector_ingest_messages_in_flight") == 1
             await wait_until(lambda: sample(service, "detector_ingest_objects_total") == 1, timeout=30)
+            assert sample(service, "detector_ingest_oldest_message_age_seconds") == 0
             await wait_until(lambda: queue_counts(aws, url) == (0, 0), timeout=30)
             assert await stop_ingest(service, task) == 0
     finally:
@@ -505,3 +508,30 @@ async def test_visibility_is_renewed_while_a_message_is_in_work(broker: Embedded
     assert len(await read_topic(broker.bootstrap, topic)) == 1
     assert sum(1 for _, _, action in proxy.seen if action == "ReceiveMessage") >= 1
     assert sample(service, "detector_ingest_failures_total", reason="aws_error") == 0
+
+
+async def test_http_endpoints_and_metric_names(broker: EmbeddedBroker, aws: MotoServer) -> None:
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, _ = make_queue(aws)
+    service, task = await start_ingest(ingest_settings(broker.bootstrap, unique("ingest-http"), url))
+    try:
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{service.http.port}"
+            for path in ("/healthz", "/readyz"):
+                async with http.get(base + path) as answer:
+                    assert answer.status == 200, path
+            async with http.get(base + "/metrics") as answer:
+                text = await answer.text()
+        service.stop()
+        assert not service.ready()
+    finally:
+        assert await asyncio.wait_for(task, timeout=30) == 0
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("messages", "records", "objects", "object_bytes", "failures", "receive_errors"):
+        assert families[f"detector_ingest_{name}"].type == "counter", name  # exposed as detector_ingest_<name>_total
+    assert families["detector_ingest_oldest_message_age_seconds"].type == "gauge"
+    assert all(name.startswith("detector_ingest_") for name in families)
+    reasons = {s.labels["reason"] for s in families["detector_ingest_failures"].samples if "reason" in s.labels}
+    assert {"invalid_json", "unknown_shape", "missing_object", "not_cloudtrail", "bad_gzip", "throttled", "kafka_error"} <= reasons
