@@ -13,6 +13,7 @@ Kafka) stays invisible until its visibility timeout, a natural backoff.
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import time
 from collections.abc import Awaitable
@@ -24,6 +25,7 @@ import structlog
 from aiobotocore.session import get_session
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
@@ -49,10 +51,9 @@ _EXPIRED = frozenset({"ExpiredToken", "ExpiredTokenException", "RequestExpired",
 _THROTTLED = frozenset({"Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestThrottledException", "SlowDown", "TooManyRequestsException", "RequestLimitExceeded"})
 _MISSING = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
 _DENIED = frozenset({"AccessDenied", "AccessDeniedException", "403", "KMS.AccessDeniedException", "KMS.DisabledException", "AllAccessDisabled"})
-# Records produced but not yet acknowledged, per message, before waiting for the acks: bounds the memory an
+# Bytes produced but not yet acknowledged, per message, before waiting for the acks: bounds the memory an
 # oversized object can take in the producer's buffers.
-PENDING_ACKS = 2000
-PENDING_BYTES = 16 * 1024 * 1024
+PENDING_BYTES = 4 * 1024 * 1024
 PRODUCER_BATCH_BYTES = 1024 * 1024  # aiokafka's 16 KB default costs a round trip per ten records
 
 
@@ -400,37 +401,82 @@ class IngestService:
 
 
 class _Acks:
-    """The produce futures of one message: ``send`` enqueues (waiting for the acks every PENDING_ACKS records
-    or PENDING_BYTES, so an oversized object never piles up unacknowledged), ``wait`` raises MessageFailed on
-    any failure."""
+    """What one message produced and the acknowledgements still awaited.
+
+    Records are appended to one open producer batch per partition (aiokafka's batch API: a fraction of the
+    per-record cost of ``send``), partitioned like Kafka's default partitioner: murmur2 of the key, and one
+    partition per message for unkeyed records (sticky). A full batch is sent at once; ``wait`` sends the
+    open ones and raises MessageFailed unless every batch is acknowledged. Past PENDING_BYTES the records
+    are awaited before more are added, so an oversized object never piles up unacknowledged.
+    """
 
     def __init__(self, service: IngestService) -> None:
         self.service = service
+        self.producer = service.producer
+        self.topic = service.settings.topic
+        self.open: dict[int, Any] = {}  # partition -> BatchBuilder
         self.pending: list[Awaitable[Any]] = []
         self.pending_bytes = 0
+        self.partitions: list[int] = []
+        self.unkeyed = -1
 
     async def send(self, value: bytes, key: str | None) -> None:
-        producer = self.service.producer
+        producer = self.producer
         assert producer is not None
         try:
-            future = await producer.send(self.service.settings.topic, value, key=key.encode() if key else None)
+            if not self.partitions:
+                self.partitions = sorted(await producer.partitions_for(self.topic))
+                self.unkeyed = random.choice(self.partitions)
+            key_bytes = key.encode() if key is not None else None
+            partition = self.unkeyed if key_bytes is None else self.partitions[_hash(key_bytes) % len(self.partitions)]
+            batch = self.open.get(partition)
+            if batch is None:
+                batch = self.open[partition] = producer.create_batch()
+            if batch.append(key=key_bytes, value=value, timestamp=None) is None:  # full: send it, start another
+                await self._send(partition)
+                batch = self.open[partition] = producer.create_batch()
+                if batch.append(key=key_bytes, value=value, timestamp=None) is None:
+                    raise MessageFailed(KAFKA_ERROR, f"a record of {len(value)} bytes does not fit in a producer batch")
         except KafkaError as exc:
             raise MessageFailed(KAFKA_ERROR, f"producing: {type(exc).__name__}: {exc}") from None
-        self.pending.append(future)
         self.pending_bytes += len(value)
-        if len(self.pending) >= PENDING_ACKS or self.pending_bytes >= PENDING_BYTES:
+        if self.pending_bytes >= PENDING_BYTES:
             await self.wait()
 
+    async def _send(self, partition: int) -> None:
+        assert self.producer is not None
+        batch = self.open.pop(partition)
+        self.pending.append(await self.producer.send_batch(batch, self.topic, partition=partition))
+
     async def wait(self) -> None:
+        try:
+            for partition in list(self.open):
+                await self._send(partition)
+        except KafkaError as exc:
+            await self.wait_quietly()
+            raise MessageFailed(KAFKA_ERROR, f"producing: {type(exc).__name__}: {exc}") from None
         pending, self.pending, self.pending_bytes = self.pending, [], 0
         results = await asyncio.gather(*pending, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            raise MessageFailed(KAFKA_ERROR, f"{len(errors)} record(s) not acknowledged: {type(errors[0]).__name__}: {errors[0]}")
+            raise MessageFailed(KAFKA_ERROR, f"{len(errors)} batch(es) not acknowledged: {type(errors[0]).__name__}: {errors[0]}")
 
     async def wait_quietly(self) -> None:
+        self.open.clear()
         pending, self.pending, self.pending_bytes = self.pending, [], 0
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+_HASHES: dict[bytes, int] = {}  # murmur2 of instance IDs seen (pure Python murmur2 costs microseconds)
+
+
+def _hash(key: bytes) -> int:
+    value = _HASHES.get(key)
+    if value is None:
+        if len(_HASHES) >= 1 << 17:
+            _HASHES.clear()
+        value = _HASHES[key] = murmur2(key) & 0x7FFFFFFF
+    return value
 
 
 def install_signal_handlers(service: IngestService, loop: asyncio.AbstractEventLoop) -> None:

@@ -28,8 +28,9 @@ class IngestSettings(KafkaClientSettings):
         "is still in work; a message not deleted (failed, or its process killed) is delivered again after it.",
     )
     concurrency: int = Field(
-        8, ge=1, le=256,
-        description="Messages in work at once, over all queues (each queue's receive asks for what is free when it "
+        16, ge=1, le=256,
+        description="Messages in work at once, over all queues; each holds up to `object_chunk_bytes` twice and 4 MB "
+        "of records awaiting acknowledgement (each queue's receive asks for what is free when it "
         "polls, so with several queues up to 10 more per extra queue may briefly be in work).",
     )
     object_chunk_bytes: int = Field(
