@@ -1,6 +1,6 @@
 """`detector ingest` throughput against reading and decompressing the same S3 objects with aiobotocore alone.
 
-    python -m benchmarks.bench_ingest [--records 60000] [--seeds 1,2] [--concurrency 8]
+    python -m benchmarks.bench_ingest [--records 60000] [--seeds 1,2] [--concurrency 16]
 
 Starts a moto server (S3, SQS) and the embedded broker (tansu). For each seed and each shape (many small
 log files, few large ones) it writes the seeded realistic records (``eventgen``, ~1.5 KB each) as gzipped
@@ -142,7 +142,7 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=60_000)
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=16)
     return parser.parse_args()
 
 

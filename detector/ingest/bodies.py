@@ -346,8 +346,8 @@ class RecordsSplitter:
                 if n - pos > self.max_record:
                     raise BodyError(NOT_CLOUDTRAIL, f"a record longer than {self.max_record} bytes (or not JSON)")
                 break
-            end, value = found
-            out.append((bytes(buf[pos:end]), value))
+            end, raw, value = found
+            out.append((raw, value))
             pos, self._state, self._first, self._scan, self._guesses, self._generic = end, "delimiter", False, 0, 0, False
         if self._state == "tail":
             rest = bytes(buf[pos:]).strip(_WS)
@@ -366,8 +366,8 @@ class RecordsSplitter:
             raise BodyError(NOT_CLOUDTRAIL, "object is not a complete CloudTrail log file (ends early or is not JSON)")
         return out
 
-    def _element(self, buf: bytearray, start: int, final: bool) -> tuple[int, Any] | None:
-        """(end, value) of the element starting at ``start``, or None when it is not complete yet."""
+    def _element(self, buf: bytearray, start: int, final: bool) -> tuple[int, bytes, Any] | None:
+        """(end, raw bytes, value) of the element starting at ``start``, or None when it is not complete yet."""
         if buf[start] != 0x7B:
             pattern = _VALUE_END
         elif buf.startswith(_RECORD_START, start) and not self._generic:
@@ -384,16 +384,18 @@ class RecordsSplitter:
                 self._scan = max(scan, len(buf) - _RESCAN) - start
                 return None
             end = m.end()
+            raw = bytes(buf[start:end])
             try:
-                return end, orjson.loads(bytes(buf[start:end]))
+                return end, raw, orjson.loads(raw)
             except orjson.JSONDecodeError:
                 self._guesses += 1
                 scan = end
         end = _exact_end(buf, start)
         if end is None:
             return None
+        raw = bytes(buf[start:end])
         try:
-            return end, orjson.loads(bytes(buf[start:end]))
+            return end, raw, orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             if final:
                 raise BodyError(NOT_CLOUDTRAIL, f"a Records element is not valid JSON ({exc})") from None
