@@ -49,6 +49,7 @@ from worldgen import make_world, write_world
 
 from detector.embedded import EmbeddedBroker, free_port
 from detector.ingest.bodies import event_key, record_key
+from detector.service.logging import configure_logging
 
 pytestmark = [pytest.mark.kafka, pytest.mark.aws]
 
@@ -120,6 +121,8 @@ async def test_world_through_s3_sns_and_eventbridge_yields_the_expected_findings
     # One message at a time, each input after the previous one is done: the topic gets the world's arrival
     # order, which its expected findings (trust on first use) assume.
     settings = ingest_settings(broker.bootstrap, topic, s3_queue, sns_queue, eb_queue, concurrency=1, max_messages=1)
+    logged = io.StringIO()
+    configure_logging("debug", "json", stream=logged)
     service, task = await start_ingest(settings)
     expected_values: list[Any] = []
     not_eventbridge = 0
@@ -156,6 +159,11 @@ async def test_world_through_s3_sns_and_eventbridge_yields_the_expected_findings
     assert not_eventbridge > 0
 
     assert await stop_ingest(service, task) == 0
+    configure_logging("warning", "json", stream=sys.__stderr__)
+    log_text = logged.getvalue()
+    assert "message_done" in log_text and "message_failed" in log_text
+    assert not any(token in log_text for token in world.session_tokens)  # no secret, no body logged
+    assert '"eventVersion"' not in log_text and "sourceIPAddress" not in log_text
 
     messages = await read_topic(broker.bootstrap, topic)
     got = values(messages)
@@ -297,8 +305,6 @@ async def test_throttling_is_retried_with_backoff(broker: EmbeddedBroker, aws: M
 async def test_expired_credentials_and_endless_throttling_give_a_clear_error_then_recover(
     broker: EmbeddedBroker, aws: MotoServer
 ) -> None:
-    from detector.service.logging import configure_logging
-
     topic = unique("ingest-expired")
     url, dlq = make_queue(aws, max_receives=5, visibility=2)
     bucket = unique("bucket")

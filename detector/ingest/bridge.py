@@ -199,6 +199,7 @@ class IngestService:
                 attrs = (await self._sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"]))["Attributes"]
             except (ClientError, BotoCoreError) as exc:
                 raise StartupError(f"queue {url}: {describe_aws_error(exc)}") from None
+            self._receiving_ok[url] = True  # readable now; a failed receive turns it back
             if "RedrivePolicy" not in attrs:
                 log.warning(
                     "no_redrive_policy", queue=queue_name(url),
