@@ -541,3 +541,46 @@ async def test_http_endpoints_and_metric_names(broker: EmbeddedBroker, aws: Moto
     assert all(name.startswith("detector_ingest_") for name in families)
     reasons = {s.labels["reason"] for s in families["detector_ingest_failures"].samples if "reason" in s.labels}
     assert {"invalid_json", "unknown_shape", "missing_object", "not_cloudtrail", "bad_gzip", "throttled", "kafka_error"} <= reasons
+
+
+async def test_events_through_a_real_eventbridge_rule_with_the_templates_pattern(broker: EmbeddedBroker, aws: MotoServer) -> None:
+    """moto's EventBridge delivers to the queue through a rule whose pattern is deploy/aws's; ingest produces
+    the CloudTrail event and the state-change notification keyed by instance, and the rule drops the rest."""
+    from cfnlint.decode import cfn_yaml
+
+    template = cfn_yaml.load(str(Path(__file__).resolve().parents[1] / "deploy" / "aws" / "eventbridge-queue.yaml"))
+    pattern = json.loads(json.dumps(template["Resources"]["Rule"]["Properties"]["EventPattern"]))
+    topic = unique("ingest-eb")
+    url, _ = make_queue(aws)
+    events, sqs = aws.client("events"), aws.client("sqs")
+    rule = unique("rule")
+    events.put_rule(Name=rule, EventPattern=json.dumps(pattern))
+    events.put_targets(Rule=rule, Targets=[{"Id": "ingest", "Arn": sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]}])
+    other = "i-0fedcba987654321f"
+    events.put_events(
+        Entries=[
+            {"Source": "aws.ec2", "DetailType": "AWS API Call via CloudTrail", "Detail": json.dumps(ct_record(1))},
+            {"Source": "aws.ec2", "DetailType": "EC2 Instance State-change Notification", "Detail": json.dumps({"instance-id": other, "state": "stopped"})},
+            {"Source": "aws.ec2", "DetailType": "EC2 Spot Instance Interruption Warning", "Detail": json.dumps({"instance-id": other})},
+        ]
+    )
+    service, task = await start_ingest(ingest_settings(broker.bootstrap, topic, url))
+    await wait_until(lambda: sample(service, "detector_ingest_records_total", source="eventbridge") == 2, timeout=30)
+    await wait_until(lambda: queue_counts(aws, url) == (0, 0), timeout=30)
+    assert await stop_ingest(service, task) == 0
+    got = {json.loads(m.value)["detail-type"]: m.key for m in await read_topic(broker.bootstrap, topic)}
+    assert got == {"AWS API Call via CloudTrail": INSTANCE.encode(), "EC2 Instance State-change Notification": other.encode()}
+
+
+def test_queue_url_flag_repeats_and_adds_to_the_setting(aws: MotoServer) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
+    first = f"{aws.url}/123456789012/first-missing"
+    argv = [sys.executable, "-m", "detector", "ingest", "--queue-url", first, "--queue-url", "ftp://second", "--kafka-bootstrap", "127.0.0.1:1"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "ftp://second" in proc.stderr  # the second URL was read too
+    env["DETECTOR_QUEUE_URLS"] = first
+    argv = argv[:4] + ["--queue-url", f"{aws.url}/123456789012/second-missing", "--kafka-bootstrap", "127.0.0.1:1"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    # flags override the environment, as for every setting
+    assert proc.returncode == 2 and "start-up error" in proc.stderr and "second-missing" in proc.stderr
+    assert "first-missing" not in proc.stderr
