@@ -373,6 +373,39 @@ async def test_broker_unreachable_messages_stay_in_the_queue(broker: EmbeddedBro
     assert len(got) == 3 and all(m.key == INSTANCE.encode() for m in got)
 
 
+async def test_broker_lost_mid_run_messages_stay_until_it_is_back(aws: MotoServer) -> None:
+    """The producer waits for a lost broker (aiokafka retries without end); the messages in work keep their
+    visibility renewed, none is deleted or dead-lettered, and they go through once the broker is back."""
+    proxy_port = free_port()
+    backend = EmbeddedBroker(advertised_port=proxy_port).start()  # clients reach it only through the proxy
+    proxy = TcpProxy(proxy_port, backend.port)
+    await proxy.start()
+    topic = unique("ingest-brokerlost")
+    await create_topics(backend.bootstrap, {topic: 1})
+    url, dlq = make_queue(aws, max_receives=2)
+    sqs = aws.client("sqs")
+    event = {"version": "0", "id": "1", "detail-type": "AWS API Call via CloudTrail", "source": "aws.ec2", "detail": ct_record(1)}
+    service, task = await start_ingest(ingest_settings(backend.bootstrap, topic, url, visibility_timeout_seconds=2))
+    try:
+        sqs.send_message(QueueUrl=url, MessageBody=json.dumps(event))
+        await wait_until(lambda: queue_counts(aws, url) == (0, 0), timeout=30)
+        await proxy.cut()
+        for _ in range(2):
+            sqs.send_message(QueueUrl=url, MessageBody=json.dumps(event))
+        await wait_until(lambda: sample(service, "detector_ingest_messages_in_flight") == 2, timeout=30)
+        await asyncio.sleep(5)  # more than twice the visibility timeout
+        assert queue_counts(aws, url) == (0, 2) and queue_counts(aws, dlq) == (0, 0)  # in work: not deleted, not dead
+        assert sample(service, "detector_ingest_visibility_extensions_total") >= 2
+        await proxy.start()
+        await wait_until(lambda: queue_counts(aws, url) == (0, 0), timeout=60)
+        assert len(await read_topic(backend.bootstrap, topic)) == 3
+    finally:
+        assert await stop_ingest(service, task) == 0
+        await proxy.cut()
+        backend.stop()
+    assert queue_counts(aws, dlq) == (0, 0)
+
+
 def big_object(records: int, pad: int) -> bytes:
     compressor = __import__("zlib").compressobj(wbits=31)
     parts = [compressor.compress(b'{"Records":[')]

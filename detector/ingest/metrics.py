@@ -18,7 +18,7 @@ ACCESS_DENIED = "access_denied"  # AccessDenied, KMS refusals
 EXPIRED_CREDENTIALS = "expired_credentials"  # ExpiredToken, InvalidClientTokenId, ...
 THROTTLED = "throttled"  # still throttled after aws_max_attempts
 AWS_ERROR = "aws_error"  # any other AWS error or a connection lost mid-object
-KAFKA_ERROR = "kafka_error"  # a record not acknowledged (broker unreachable, too large, ...)
+KAFKA_ERROR = "kafka_error"  # a record refused by the broker (too large, unknown topic, not authorised)
 SHUTDOWN = "shutdown"  # still in work when the grace period ended
 REASONS = (
     INVALID_JSON, UNKNOWN_SHAPE, BAD_GZIP, NOT_CLOUDTRAIL, MISSING_OBJECT, ACCESS_DENIED, EXPIRED_CREDENTIALS,
