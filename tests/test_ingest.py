@@ -617,3 +617,27 @@ def test_queue_url_flag_repeats_and_adds_to_the_setting(aws: MotoServer) -> None
     # flags override the environment, as for every setting
     assert proc.returncode == 2 and "start-up error" in proc.stderr and "second-missing" in proc.stderr
     assert "first-missing" not in proc.stderr
+
+
+async def test_sigterm_during_a_broker_outage_exits_within_the_grace_period(aws: MotoServer) -> None:
+    proxy_port = free_port()
+    backend = EmbeddedBroker(advertised_port=proxy_port).start()
+    proxy = TcpProxy(proxy_port, backend.port)
+    await proxy.start()
+    topic = unique("ingest-outage-stop")
+    await create_topics(backend.bootstrap, {topic: 1})
+    url, dlq = make_queue(aws, max_receives=2)
+    try:
+        service, task = await start_ingest(ingest_settings(backend.bootstrap, topic, url, grace_seconds=2, visibility_timeout_seconds=3))
+        await proxy.cut()
+        event = {"version": "0", "id": "1", "detail-type": "AWS API Call via CloudTrail", "source": "aws.ec2", "detail": ct_record(1)}
+        aws.client("sqs").send_message(QueueUrl=url, MessageBody=json.dumps(event))
+        await wait_until(lambda: sample(service, "detector_ingest_messages_in_flight") == 1, timeout=30)
+        started = time.monotonic()
+        assert await stop_ingest(service, task) == 0
+        assert time.monotonic() - started < 10
+        assert sample(service, "detector_ingest_failures_total", reason="shutdown") == 1
+        assert sum(queue_counts(aws, url)) == 1 and queue_counts(aws, dlq) == (0, 0)  # left to the queue
+    finally:
+        await proxy.cut()
+        backend.stop()

@@ -186,7 +186,10 @@ class IngestService:
             raise StartupError(f"{exc} (set AWS_REGION and credentials the standard AWS way)") from None
         finally:
             if self.producer is not None:
-                await self.producer.stop()
+                try:  # flushing waits for the broker: bounded, for a SIGTERM during an outage
+                    await asyncio.wait_for(self.producer.stop(), timeout=max(self.settings.grace_seconds, 1.0))
+                except asyncio.TimeoutError:
+                    log.warning("producer_stop_timeout", detail="unacknowledged records dropped; their messages stay in the queue")
             await self.http.stop()
             self._loop_alive = False
         log.info("stopped")
