@@ -103,7 +103,8 @@ async def test_world_through_s3_sns_and_eventbridge_yields_the_expected_findings
 ) -> None:
     """Every record of a labelled world reaches the topic through ingest, and `detector run` on that topic
     finds exactly the world's expected findings. CloudTrail log files arrive by S3 -> SQS notifications, the
-    bare records as log files through S3 -> SNS -> SQS, the EventBridge lines on their own queue."""
+    bare records as log files through S3 -> SNS -> SQS, the EventBridge lines on their own queue.
+    (~15 s: a whole world, one message at a time so that the topic keeps the world's arrival order.)"""
     from detector.service.app import DetectorService
 
     world = make_world(7)
@@ -305,6 +306,7 @@ async def test_throttling_is_retried_with_backoff(broker: EmbeddedBroker, aws: M
 async def test_expired_credentials_and_endless_throttling_give_a_clear_error_then_recover(
     broker: EmbeddedBroker, aws: MotoServer
 ) -> None:
+    """~10 s: two receive backoffs, botocore's retries of S3 with jitter, then a 2 s visibility timeout."""
     topic = unique("ingest-expired")
     url, dlq = make_queue(aws, max_receives=5, visibility=2)
     bucket = unique("bucket")
