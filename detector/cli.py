@@ -287,26 +287,35 @@ def run(**kwargs: object) -> None:
     Every setting is a flag, a DETECTOR_* environment variable and a key of the TOML --config file
     (precedence: defaults < file < environment < flags).
     """
-    import asyncio
+    from .service.settings import Settings
 
-    from .service.app import StartupError, serve
+    serve_command("run", kwargs, Settings, "detector.service.app")
+
+
+def serve_command(command: str, kwargs: dict[str, object], cls: type, module: str) -> None:
+    """The tail of every long-running command: settings of ``cls`` from flags/env/file, logging, the event
+    loop running ``module.serve(settings)``, exit 2 on a configuration or ``module.StartupError``."""
+    import asyncio
+    import importlib
+
     from .service.logging import configure_logging
     from .service.settings import SettingsError, settings_from_cli
 
     try:
-        settings = settings_from_cli(kwargs)
+        settings = settings_from_cli(kwargs, cls)
     except SettingsError as exc:
-        click.echo(f"detector run: configuration error: {exc}", err=True)
+        click.echo(f"detector {command}: configuration error: {exc}", err=True)
         sys.exit(2)
     configure_logging(settings.log_level, settings.log_format)
     if settings.use_uvloop:
         import uvloop
 
         uvloop.install()
+    target = importlib.import_module(module)
     try:
-        code = asyncio.run(serve(settings))
-    except StartupError as exc:
-        click.echo(f"detector run: start-up error: {exc}", err=True)
+        code = asyncio.run(target.serve(settings))
+    except target.StartupError as exc:
+        click.echo(f"detector {command}: start-up error: {exc}", err=True)
         sys.exit(2)
     sys.exit(code)
 
@@ -362,6 +371,25 @@ def respond(**kwargs: Any) -> None:
     See docs/runbook.md (what it blocks and how to lift it).
     """
     _serve_outputs("respond", "detector.outputs.settings:RespondSettings", "detector.outputs.respond:responder", kwargs, sys.stderr)
+
+
+@cli.command(
+    cls=SettingsCommand, settings_class="detector.ingest.settings:IngestSettings", context_settings={"show_default": False}
+)
+@click.option("--queue-url", "queue_url", multiple=True, metavar="URL", help="SQS queue to read; repeat for several (added to --queue-urls).")
+def ingest(queue_url: tuple[str, ...], **kwargs: object) -> None:
+    """Bridge AWS to Kafka: long-poll SQS queues of EventBridge events and S3 notifications of CloudTrail
+    log files, produce every record to the input topic keyed by instance ID (SPEC §14).
+
+    AWS credentials, region and AWS_ENDPOINT_URL come from the standard AWS chain. Every other setting is a
+    flag, a DETECTOR_* environment variable and a key of the TOML --config file (see docs/configuration.md).
+    """
+    from .ingest.settings import IngestSettings
+
+    if queue_url:
+        given = [u for u in str(kwargs.get("queue_urls") or "").split(",") if u]
+        kwargs["queue_urls"] = ",".join([*given, *queue_url])
+    serve_command("ingest", kwargs, IngestSettings, "detector.ingest.bridge")
 
 
 @cli.command()

@@ -92,6 +92,8 @@ async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
+    from .service.app import describe_settled
+
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -102,6 +104,7 @@ async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
                 await admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
+            await describe_settled(admin, [t.name for t in new])  # usable once this returns
     finally:
         await admin.close()
 

@@ -100,6 +100,13 @@ def existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
     return value
 
 
+def comma_joined(value: Any) -> Any:
+    """A TOML array of strings as the comma-separated string a list setting takes; anything else as is."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    return value
+
+
 def optional_str(value: str | None, info: ValidationInfo) -> str | None:
     if value is not None and not value.strip():
         raise ValueError(f"{info.field_name} must not be blank")
@@ -471,10 +478,7 @@ class Settings(KafkaClientSettings):
     @field_validator("input_topics", mode="before")
     @classmethod
     def _topics_list(cls, value: Any) -> Any:
-        # a TOML array of names is accepted too
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return ",".join(value)
-        return value
+        return comma_joined(value)  # a TOML array of names is accepted too
 
     @field_validator("input_topics")
     @classmethod
@@ -870,6 +874,7 @@ def settings_table(cls: type[KafkaClientSettings], names: typing.Iterable[str] |
 COMMAND_SETTINGS: dict[str, str] = {
     "export securityhub": "detector.outputs.settings:ExportSettings",
     "respond": "detector.outputs.settings:RespondSettings",
+    "ingest": "detector.ingest.settings:IngestSettings",
 }
 
 
