@@ -21,18 +21,22 @@ import sys
 import time
 import zlib
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 import msgspec
 import orjson
+from msgspec import UNSET
 
 from .core.engine import Engine, MalformedRecord
 from .core.findings import render
 from .core.prefilter import may_matter
-from .core.records import _FAST_ERRORS, CLOUDTRAIL_DETAIL_TYPES, SKIPPED, Decoded, FastDecoder, FastRecord, classify, decode, fast_ok
+from .core.records import (
+    _FAST_ERRORS, CLOUDTRAIL_DETAIL_TYPES, KEEP_NAMES, SKIPPED, STATE_CHANGE, Decoded, FastDecoder, FastRecord,
+    classify, decode, fast_ok,
+)  # fmt: skip
 from .core.state import DetectorState, FindingGroup
 
 INPUT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -203,8 +207,9 @@ def scan_lines(
     """Read JSON Lines in blocks of ``BLOCK`` bytes, cut them at newlines and sort every line.
 
     Each line is decoded by ``fast`` (its EventBridge shape inlined). A line that is another
-    EventBridge event, or a CloudTrail record that cannot matter (not ``AssumeRole``, and no
-    ``AssumedRole`` ARN containing ``/i-``: :meth:`Engine.apply_fast` would only count it), is only
+    EventBridge event, or a CloudTrail record that cannot matter (not ``AssumeRole`` nor a lifecycle
+    signal's eventName, and no ``AssumedRole`` ARN containing ``/i-``: :meth:`Engine.apply_fast`
+    would only count it), is only
     counted: ``tally(skipped, counted)`` once per block. Every other line goes to
     ``take(line, result, start, end)`` in input order, with the decoder's result (a record,
     ``SKIPPED``, or ``None`` when the line needs the reference decode) and its offsets in the input.
@@ -250,17 +255,23 @@ def scan_lines(
                     env = eventbridge(line)
                 except _FAST_ERRORS:
                     result = as_record(line, True)
-                else:
-                    if env.detail_type not in CLOUDTRAIL_DETAIL_TYPES:
+                else:  # records.detail_of, inlined
+                    kind = env.detail_type
+                    if kind in CLOUDTRAIL_DETAIL_TYPES:
+                        result = env.detail
+                        if result.eventVersion is UNSET and result.eventTime is None:
+                            result = None  # neither eventVersion nor eventTime: the reference decides
+                    elif kind == STATE_CHANGE:
+                        result = None  # lifecycle input (SPEC §10), decoded by the reference path
+                    else:
                         skipped += 1
                         continue
-                    result = env.detail
             else:
                 result = decode_line(line)
                 if result is SKIPPED:
                     skipped += 1
                     continue
-            if result is not None and result.eventName != "AssumeRole":
+            if result is not None and not (type(name := result.eventName) is str and name in KEEP_NAMES):
                 identity = result.userIdentity
                 if identity.type != "AssumedRole" or type(identity.arn) is not str or "/i-" not in identity.arn:
                     counted += 1
@@ -550,13 +561,18 @@ class Replayer:
     def findings(self, finding_format: str = "guardduty") -> list[dict[str, Any]]:
         """The final state of every finding group: GuardDuty-shaped, or (``ocsf``) an OCSF 1.3 Detection
         Finding, activity Create (a replay writes each group once: its first and only publication)."""
+        return list(self.iter_findings(finding_format))
+
+    def iter_findings(self, finding_format: str = "guardduty") -> Iterator[dict[str, Any]]:
+        """:meth:`findings`, rendered one at a time (a replay with many groups — SPEC §13's IMDSv1 findings
+        are one per session — never holds every rendered finding at once)."""
         if finding_format == "ocsf":
             from .core.ocsf import to_ocsf
 
-            return [to_ocsf(render(group), new=True) for group in self.final.values()]
-        return [render(group) for group in self.final.values()]
+            return (to_ocsf(render(group), new=True) for group in self.final.values())
+        return (render(group) for group in self.final.values())
 
 
-def write_findings(findings: list[dict[str, Any]], out: IO[bytes]) -> None:
+def write_findings(findings: Iterable[dict[str, Any]], out: IO[bytes]) -> None:
     for finding in findings:
         out.write(orjson.dumps(finding) + b"\n")

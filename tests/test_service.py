@@ -40,7 +40,8 @@ from detector.service.settings import Settings
 pytestmark = pytest.mark.kafka
 
 WORLD = sample_world()
-EXPECTED = sorted(expected_key(e) for e in orjson.loads(WORLD.expected.read_bytes()))
+# SPEC part two with its defaults (the IMDSv1 findings of §13 included)
+EXPECTED = sorted(expected_key(e) for e in orjson.loads(WORLD.expected_part2.read_bytes()))
 SPEC_METRICS = {
     "detector_events_total",
     "detector_events_malformed_total",

@@ -377,6 +377,17 @@ class Settings(KafkaClientSettings):
         "Finding, class_uid 2004, the GuardDuty-shaped fields under `unmapped`; see docs/findings.md).",
     )
 
+    # --- Detection (SPEC part two) ------------------------------------------------------------------
+    stop_grace_seconds: float = Field(
+        600.0, ge=0, allow_inf_nan=False,
+        description="SPEC §11: use of an instance's credentials more than this many seconds (of event time) "
+        "after the instance stopped or terminated is an `AfterInstanceStopped` finding.",
+    )
+    imdsv1_findings: bool = Field(
+        True, description="SPEC §13: a Low `Policy:EC2/InstanceCredentialsDeliveredByIMDSv1` finding for every "
+        "session whose credentials were delivered by IMDSv1.",
+    )
+
     # --- State --------------------------------------------------------------------------------------
     session_ttl_seconds: float = Field(
         43200.0, gt=0, allow_inf_nan=False, description="Idle TTL of a session entry, seconds of event time."
@@ -429,8 +440,8 @@ class Settings(KafkaClientSettings):
     # --- Stream processing state (internal topics) ---------------------------------------------------
     sessions_topic: str | None = Field(
         None,
-        description="Internal repartition topic: instance-session records keyed by session ARN, so one session "
-        "always lives in one partition of one instance.",
+        description="Internal repartition topic: instance-session, issuance and lifecycle records keyed by "
+        "instance ID (SPEC §10), so everything about one instance lives in one partition of one process.",
         json_schema_extra={"doc_default": "`<group_id>.sessions`"},
     )
     changelog_topic: str | None = Field(
