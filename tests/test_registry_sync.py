@@ -465,3 +465,29 @@ def test_an_instance_under_two_accounts_is_an_error() -> None:
     twice = {"accounts": {a: {"instances": {"i-0a1b2c3d": {}}} for a in ("111111111111", "222222222222")}}
     with pytest.raises(RegistryError, match=r"accounts\.222222222222\.instances\.i-0a1b2c3d: .* already listed under account 111111111111"):
         normalise_registry(twice)
+
+
+def test_interface_shapes_moto_does_not_serve() -> None:
+    """Shapes real EC2 returns and moto does not: a shared VPC's participant interface, an Elastic IP shown
+    on the secondary address only, an interface with its own source/destination check off, and a
+    secondary interface in another VPC (multi-VPC attachment) seen before the primary one."""
+    from detector.aws.sync import InstanceInventory, _interface_instance
+
+    def eni(owner: str, device: int, vpc: str, **extra: object) -> dict[str, object]:
+        return {"Attachment": {"InstanceId": "i-0a1b2c3d4e5f60718", "InstanceOwnerId": owner, "DeviceIndex": device},
+                "VpcId": vpc, "PrivateIpAddress": "10.0.1.5", **extra}
+
+    assert _interface_instance(eni("222222222222", 0, "vpc-11111111"), "111111111111") is None
+    assert _interface_instance({"VpcId": "vpc-11111111", "PrivateIpAddress": "10.0.1.9"}, "111111111111") is None
+    secondary = eni("111111111111", 1, "vpc-22222222", SourceDestCheck=False, PrivateIpAddresses=[
+        {"PrivateIpAddress": "10.0.1.5", "Primary": True},
+        {"PrivateIpAddress": "10.0.1.77", "Association": {"PublicIp": "52.1.2.3"}},
+    ], Ipv6Addresses=[{"Ipv6Address": "2600:1f18:ABC::0010"}])
+    instance_id, found = _interface_instance(secondary, "111111111111")
+    assert instance_id == "i-0a1b2c3d4e5f60718"
+    assert (found.private, found.public, found.ipv6, found.egress) == ({"10.0.1.5", "10.0.1.77"}, {"52.1.2.3"}, {"2600:1f18:abc::10"}, True)
+    merged = InstanceInventory()
+    merged.absorb(found)
+    merged.absorb(_interface_instance(eni("111111111111", 0, "vpc-11111111", PrivateIpAddress="10.0.2.4"), "111111111111")[1])
+    assert merged.to_mapping() == {"vpc": "vpc-11111111", "private": ["10.0.1.5", "10.0.1.77", "10.0.2.4"],
+                                   "public": ["52.1.2.3"], "ipv6": ["2600:1f18:abc::10"], "egress": True}
