@@ -443,7 +443,8 @@ def test_merge_rules_for_instances_and_endpoint_vpcs() -> None:
     ("entry", "key", "problem"),
     [
         ({"instances": {"i-xyz": {}}}, "accounts.111111111111.instances.i-xyz", "instance ID"),
-        ({"instances": {"i-0a1b2c3d": {"private": ["2600::1"]}}}, ".instances.i-0a1b2c3d.private[0]", "IPv4"),
+        ({"instances": {"i-0a1b2c3d": {"private": ["10.0.0.300"]}}}, ".instances.i-0a1b2c3d.private[0]", "IP address"),
+        ({"instances": {"i-0a1b2c3d": {"public": ["2600::1"]}}}, ".instances.i-0a1b2c3d.public[0]", "IPv4"),
         ({"instances": {"i-0a1b2c3d": {"ipv6": ["10.0.0.1"]}}}, ".instances.i-0a1b2c3d.ipv6[0]", "IPv6"),
         ({"instances": {"i-0a1b2c3d": {"public": "52.1.2.3"}}}, ".instances.i-0a1b2c3d.public", "must be a list"),
         ({"instances": {"i-0a1b2c3d": {"egress": "yes"}}}, ".instances.i-0a1b2c3d.egress", "true or false"),

@@ -40,7 +40,10 @@ __all__ = ["INSTANCE_RE", "VPC_RE", "address_key", "canonical_cidr", "merge_regi
 
 INSTANCE_RE = re.compile(r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
 VPC_RE = re.compile(r"^vpc-[0-9a-f]{8,17}$")
-_INSTANCE_FIELDS = {"vpc": None, "private": 4, "public": 4, "ipv6": 6, "egress": None}  # field -> IP version
+# An instance's address lists and the IP version each holds (0: either; SPEC §12 says private IPv4, and
+# the detector's parser also takes a hand-listed private IPv6 address there).
+_ADDRESS_FIELDS = {"private": 0, "public": 4, "ipv6": 6}
+_INSTANCE_FIELDS = {"vpc", *_ADDRESS_FIELDS, "egress"}
 _ENDPOINT_FIELDS = {"vpc"}
 
 
@@ -96,8 +99,8 @@ def _check_addresses(source: str, key: str, value: Any, version: int) -> list[st
             address = ipaddress.ip_address(text.strip() if isinstance(text, str) else text)
         except ValueError:
             address = None
-        if not isinstance(text, str) or address is None or address.version != version:
-            raise _fail(source, f"{key}[{i}]", f"must be an IPv{version} address, got {text!r}")
+        if not isinstance(text, str) or address is None or version not in (0, address.version):
+            raise _fail(source, f"{key}[{i}]", f"must be an {f'IPv{version}' if version else 'IP'} address, got {text!r}")
         found.add(str(address))
     return sorted(found, key=address_key)
 
@@ -107,9 +110,8 @@ def _check_instance(source: str, key: str, raw: Any) -> dict[str, Any]:
     raw = _check_fields(source, key, raw, _INSTANCE_FIELDS)
     vpc = _check_vpc(source, f"{key}.vpc", raw.get("vpc"))
     entry: dict[str, Any] = {"vpc": vpc} if vpc else {}
-    for field, version in _INSTANCE_FIELDS.items():
-        if version is not None:
-            entry[field] = _check_addresses(source, f"{key}.{field}", raw.get(field, []), version)
+    for field, version in _ADDRESS_FIELDS.items():
+        entry[field] = _check_addresses(source, f"{key}.{field}", raw.get(field, []), version)
     egress = raw.get("egress", False)
     if not isinstance(egress, bool):
         raise _fail(source, f"{key}.egress", f"must be true or false, got {egress!r}")
@@ -190,9 +192,8 @@ def normalise_registry(data: Mapping[str, Any] | Registry, source: str = "<regis
 def _merge_instance(human: Mapping[str, Any], synced: Mapping[str, Any]) -> dict[str, Any]:
     vpc = human.get("vpc") or synced.get("vpc")
     entry: dict[str, Any] = {"vpc": vpc} if vpc else {}
-    for field, version in _INSTANCE_FIELDS.items():
-        if version is not None:
-            entry[field] = sorted({*human[field], *synced[field]}, key=address_key)
+    for field in _ADDRESS_FIELDS:
+        entry[field] = sorted({*human[field], *synced[field]}, key=address_key)
     entry["egress"] = human["egress"] or synced["egress"]
     return entry
 
