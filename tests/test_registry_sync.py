@@ -492,3 +492,28 @@ def test_interface_shapes_moto_does_not_serve() -> None:
     merged.absorb(_interface_instance(eni("111111111111", 0, "vpc-11111111", PrivateIpAddress="10.0.2.4"), "111111111111")[1])
     assert merged.to_mapping() == {"vpc": "vpc-11111111", "private": ["10.0.1.5", "10.0.1.77", "10.0.2.4"],
                                    "public": ["52.1.2.3"], "ipv6": ["2600:1f18:abc::10"], "egress": True}
+
+
+@pytest.mark.skipif(not PARSER_READS_INSTANCES, reason="the detector's registry parser does not read SPEC §12 keys yet")
+def test_cli_overlay_marks_an_egress_instance(inventory_world: tuple[MotoServer, Org], tmp_path: Path) -> None:
+    """The operator's path: a TOML overlay, loaded by the detector's parser, hand-marks a proxy."""
+    server, org = inventory_world
+    a = org.members["member-a"]
+    web_id = next(i for i, e in a.instances.items() if not e["egress"])
+    overlay = tmp_path / "overlay.toml"
+    overlay.write_text(
+        f"""
+[accounts."{a.account_id}"]
+vpc_endpoints = ["vpce-0123456789abcdef0"]
+
+[accounts."{a.account_id}".instances."{web_id}"]
+egress = true
+"""
+    )
+    output = tmp_path / "registry.json"
+    result = run_sync(server, ROOT_KEYS, output, "--overlay", str(overlay))
+    assert result.returncode == 0, result.stderr
+    entry = json.loads(output.read_text())["accounts"][a.account_id]
+    assert entry["instances"] == {**a.instances, web_id: {**a.instances[web_id], "egress": True}}
+    assert entry["vpc_endpoints"] == {"vpce-0123456789abcdef0": {}, **expected_entry(a)["vpc_endpoints"]}
+    assert load_registry(output).accounts[a.account_id].vpc_endpoints == tuple(sorted(entry["vpc_endpoints"]))
