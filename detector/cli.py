@@ -159,7 +159,9 @@ def registry_sync(output: str, overlay: str | None, role_name: str, regions: str
     Accounts: every ACTIVE account of the AWS Organization (management account included) and every
     member of the caller's GuardDuty detectors, all affiliated. Per account and region, through
     arn:<partition>:iam::<account>:role/ROLE_NAME (the caller's own account with its own credentials):
-    Elastic IPs and NAT gateway addresses (/32), associated VPC IPv6 blocks, VPC endpoint IDs.
+    Elastic IPs, NAT gateway and instance public addresses (/32), associated VPC IPv6 blocks, VPC
+    endpoints with their VPC, and instances (VPC, private/public/IPv6 addresses of every attached
+    interface; egress when SourceDestCheck is off; terminated ones left out).
     Credentials come from the standard AWS chain (environment, profile, SSO, instance role...).
 
     \b
@@ -167,7 +169,9 @@ def registry_sync(output: str, overlay: str | None, role_name: str, regions: str
       - affiliated, trusted: the overlay's value wins for an account it lists;
       - name: the overlay's wins unless empty, else the Organizations name;
       - cidrs, vpc_endpoints: union of overlay and sync (an endpoint the overlay
-        places under another account stays there);
+        places under another account stays there); an endpoint's VPC: the overlay's if named;
+      - instances: per instance, the overlay's vpc if named, addresses united, egress if
+        either says so (an instance the overlay places under another account stays there);
       - accounts only in the overlay are kept; expected_networks come from the overlay.
 
     \b

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -83,6 +84,9 @@ class Member:
     eips: list[str] = field(default_factory=list)
     ipv6: list[str] = field(default_factory=list)
     vpc_endpoints: list[str] = field(default_factory=list)
+    endpoint_vpcs: dict[str, str] = field(default_factory=dict)  # endpoint ID -> VPC ID
+    public_ips: list[str] = field(default_factory=list)  # instances' automatic public IPv4 (not EIPs)
+    instances: dict[str, dict[str, Any]] = field(default_factory=dict)  # what the registry should say (SPEC §12)
 
 
 @dataclass
@@ -96,10 +100,7 @@ def build_network(server: MotoServer, keys: dict[str, str], member: Member, *, n
     ec2 = server.client("ec2", **keys)
     vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16", AmazonProvidedIpv6CidrBlock=True)["Vpc"]
     member.ipv6 += [a["Ipv6CidrBlock"] for a in vpc["Ipv6CidrBlockAssociationSet"]]
-    endpoint = ec2.create_vpc_endpoint(
-        VpcId=vpc["VpcId"], ServiceName=f"com.amazonaws.{REGION}.s3", VpcEndpointType="Gateway"
-    )["VpcEndpoint"]
-    member.vpc_endpoints.append(endpoint["VpcEndpointId"])
+    _endpoint(ec2, member, vpc["VpcId"])
     member.eips.append(ec2.allocate_address(Domain="vpc")["PublicIp"])
     if nat:
         subnet = ec2.create_subnet(VpcId=vpc["VpcId"], CidrBlock="10.0.1.0/24")["Subnet"]
@@ -108,8 +109,87 @@ def build_network(server: MotoServer, keys: dict[str, str], member: Member, *, n
         member.eips.append(nat_eip["PublicIp"])
 
 
-def build_org(server: MotoServer, names: tuple[str, ...] = ("member-a", "member-b")) -> Org:
-    """An organization of the management account and one member per name, each member with a network.
+def _endpoint(ec2: Any, member: Member, vpc_id: str) -> None:
+    endpoint = ec2.create_vpc_endpoint(VpcId=vpc_id, ServiceName=f"com.amazonaws.{REGION}.s3", VpcEndpointType="Gateway")
+    vpce = endpoint["VpcEndpoint"]["VpcEndpointId"]
+    member.vpc_endpoints.append(vpce)
+    member.endpoint_vpcs[vpce] = vpc_id
+
+
+def _eip(ec2: Any, member: Member, **target: str) -> str:
+    """An Elastic IP associated with ``target`` (InstanceId=, or NetworkInterfaceId= [and PrivateIpAddress=])."""
+    eip = ec2.allocate_address(Domain="vpc")
+    ec2.associate_address(AllocationId=eip["AllocationId"], **target)
+    member.eips.append(eip["PublicIp"])
+    return eip["PublicIp"]
+
+
+def build_instances(server: MotoServer, keys: dict[str, str], member: Member, *, full: bool) -> None:
+    """Instances for the SPEC §12 inventory, recording in ``member`` what the synced registry must say.
+
+    Always: a VPC 10.20.0.0/16 with an S3 endpoint and an instance ``10.20.1.10`` with an automatic
+    public IPv4. With ``full``, also: an Amazon IPv6 block and a subnet in it; on that instance an IPv6
+    address, a secondary private IPv4, and a second interface (``10.20.1.5`` + ``10.20.1.100``, an
+    Elastic IP on the secondary one, another IPv6 address); a NAT instance (source/destination check off
+    with ModifyInstanceAttribute, an Elastic IP on the instance); a detached interface holding an Elastic
+    IP (an account address, no instance); a terminated instance (gone); and a second VPC 10.30.0.0/16
+    with its own endpoint.
+    """
+    ec2 = server.client("ec2", **keys)
+    vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16", AmazonProvidedIpv6CidrBlock=full)["Vpc"]
+    vpc_id = vpc["VpcId"]
+    _endpoint(ec2, member, vpc_id)
+    subnet_args = {"VpcId": vpc_id, "CidrBlock": "10.20.1.0/24"}
+    if full:
+        block = vpc["Ipv6CidrBlockAssociationSet"][0]["Ipv6CidrBlock"]
+        member.ipv6.append(block)
+        subnet_args["Ipv6CidrBlock"] = str(next(ipaddress.ip_network(block).subnets(new_prefix=64)))
+    subnet = ec2.create_subnet(**subnet_args)["Subnet"]["SubnetId"]
+
+    def launch(**network: Any) -> dict[str, Any]:
+        return ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, **network)["Instances"][0]
+
+    web = launch(NetworkInterfaces=[
+        {"DeviceIndex": 0, "SubnetId": subnet, "PrivateIpAddress": "10.20.1.10", "AssociatePublicIpAddress": True},
+    ])
+    member.public_ips.append(web["PublicIpAddress"])
+    entry = {"vpc": vpc_id, "private": ["10.20.1.10"], "public": [web["PublicIpAddress"]], "ipv6": [], "egress": False}
+    member.instances[web["InstanceId"]] = entry
+    if not full:
+        return
+
+    primary = web["NetworkInterfaces"][0]["NetworkInterfaceId"]
+    ec2.assign_private_ip_addresses(NetworkInterfaceId=primary, PrivateIpAddresses=["10.20.1.11"])
+    entry["ipv6"] += ec2.assign_ipv6_addresses(NetworkInterfaceId=primary, Ipv6AddressCount=1)["AssignedIpv6Addresses"]
+    second = ec2.create_network_interface(SubnetId=subnet, PrivateIpAddresses=[
+        {"PrivateIpAddress": "10.20.1.5", "Primary": True}, {"PrivateIpAddress": "10.20.1.100", "Primary": False},
+    ])["NetworkInterface"]["NetworkInterfaceId"]
+    ec2.attach_network_interface(NetworkInterfaceId=second, InstanceId=web["InstanceId"], DeviceIndex=1)
+    entry["ipv6"] += ec2.assign_ipv6_addresses(NetworkInterfaceId=second, Ipv6AddressCount=1)["AssignedIpv6Addresses"]
+    entry["public"].append(_eip(ec2, member, NetworkInterfaceId=second, PrivateIpAddress="10.20.1.100"))
+    entry["private"] = ["10.20.1.5", "10.20.1.10", "10.20.1.11", "10.20.1.100"]  # numeric order
+
+    nat = launch(SubnetId=subnet, PrivateIpAddress="10.20.1.30")
+    ec2.modify_instance_attribute(InstanceId=nat["InstanceId"], SourceDestCheck={"Value": False})
+    member.instances[nat["InstanceId"]] = {
+        "vpc": vpc_id, "private": ["10.20.1.30"], "public": [_eip(ec2, member, InstanceId=nat["InstanceId"])],
+        "ipv6": [], "egress": True,
+    }
+    detached = ec2.create_network_interface(SubnetId=subnet, PrivateIpAddress="10.20.1.40")["NetworkInterface"]
+    _eip(ec2, member, NetworkInterfaceId=detached["NetworkInterfaceId"])
+    gone = launch(SubnetId=subnet, PrivateIpAddress="10.20.1.50")
+    ec2.terminate_instances(InstanceIds=[gone["InstanceId"]])
+
+    other = ec2.create_vpc(CidrBlock="10.30.0.0/16")["Vpc"]["VpcId"]
+    _endpoint(ec2, member, other)
+    for recorded in member.instances.values():
+        for key in ("private", "public", "ipv6"):
+            recorded[key] = sorted({str(ipaddress.ip_address(a)) for a in recorded[key]}, key=lambda a: int(ipaddress.ip_address(a)))
+
+
+def build_org(server: MotoServer, names: tuple[str, ...] = ("member-a", "member-b"), *, instances: bool = False) -> Org:
+    """An organization of the management account and one member per name, each member with a network
+    (and, with ``instances``, the instances of :func:`build_instances`: the full set in the first member).
 
     Checks on the way that moto scopes resources by the account of the assumed-role credentials.
     """
@@ -122,7 +202,10 @@ def build_org(server: MotoServer, names: tuple[str, ...] = ("member-a", "member-
     for member in members.values():
         keys = server.assume(member.account_id)
         assert server.client("sts", **keys).get_caller_identity()["Account"] == member.account_id
-        build_network(server, keys, member, nat=member is next(iter(members.values())))
+        first = member is next(iter(members.values()))
+        build_network(server, keys, member, nat=first)
+        if instances:
+            build_instances(server, keys, member, full=first)
         seen = {a["PublicIp"] for a in server.client("ec2", **keys).describe_addresses()["Addresses"]}
         assert seen == set(member.eips), "moto must scope Elastic IPs to the assumed-role account"
     outside = {a["PublicIp"] for a in server.client("ec2").describe_addresses()["Addresses"]}

@@ -8,16 +8,18 @@ from typing import Any
 
 import orjson
 
-from ..core.registry import Registry, RegistryError, registry_from_mapping
+from ..core.registry import Registry, RegistryError
 from ..ipranges_update import write_atomically  # temp file, fsync, os.replace, directory fsync
+from .merge import normalise_registry
 
 __all__ = ["render_registry", "write_registry"]
 
 
 def render_registry(mapping: Mapping[str, Any]) -> tuple[bytes, Registry]:
-    """Validate ``mapping`` and serialise it as sorted, indented JSON (the bytes and the registry they load as)."""
-    registry = registry_from_mapping(mapping, "<synced registry>")
-    data = orjson.dumps(registry.to_mapping(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+    """Validate ``mapping`` and serialise it as sorted, indented JSON: the bytes, and the registry of their
+    SPEC §7 part (:func:`detector.aws.merge.normalise_registry`; its ``summary()`` counts what was written)."""
+    normalised, registry = normalise_registry(mapping, "<synced registry>")
+    data = orjson.dumps(normalised, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
     return data, registry
 
 

@@ -1,10 +1,13 @@
 """Build the affiliation registry from AWS (SPEC §7, ``detector registry sync``).
 
 Which accounts are ours: every ACTIVE account of the AWS Organization (the management account included)
-and every member of the caller's GuardDuty detectors. What each one owns, per region: Elastic IPs and NAT
-gateway public addresses (as /32), associated VPC IPv6 blocks, and VPC endpoint IDs — read through
-``arn:<partition>:iam::<account>:role/<role-name>`` (the caller's own account with the ambient
-credentials). Credentials come from the standard AWS chain of the aiobotocore session.
+and every member of the caller's GuardDuty detectors. What each one owns, per region: Elastic IPs, NAT
+gateway public addresses and instances' public IPv4 addresses (as /32), associated VPC IPv6 blocks, VPC
+endpoints with their VPC, and the instance inventory of SPEC §12 (per instance: VPC, private IPv4,
+public IPv4, IPv6 addresses of every attached network interface, and ``egress`` when source/destination
+checking is off) — read through ``arn:<partition>:iam::<account>:role/<role-name>`` (the caller's own
+account with the ambient credentials). Credentials come from the standard AWS chain of the aiobotocore
+session.
 
 Failures are contained: GuardDuty being absent or denied is a warning; an account whose role cannot be
 assumed, or whose regions all fail, is reported and keeps no inventory (it stays affiliated — it is still
@@ -17,8 +20,9 @@ cannot be listed, the regions cannot be found, or no account could be read at al
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +30,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..core.registry import VPCE_RE, Registry, registry_from_mapping
-from .merge import canonical_cidr, merge_registry
+from ..core.registry import ACCOUNT_RE, VPCE_RE, Registry
+from .merge import INSTANCE_RE, VPC_RE, address_key, canonical_cidr, merge_registry, normalise_registry
 
 DEFAULT_ROLE_NAME = "OrganizationAccountAccessRole"
 DEFAULT_CONCURRENCY = 8
@@ -60,12 +64,55 @@ class SyncError(RuntimeError):
 
 
 @dataclass(slots=True)
-class AccountInventory:
+class InstanceInventory:
+    """One EC2 instance's addresses, gathered from every network interface attached to it (SPEC §12)."""
+
+    vpc: str = ""  # the VPC of its primary interface ("" when unknown)
+    private: set[str] = field(default_factory=set)
+    public: set[str] = field(default_factory=set)
+    ipv6: set[str] = field(default_factory=set)
+    egress: bool = False  # source/destination check off: a NAT instance or a router
+    primary_device: int | None = None  # DeviceIndex of the interface the VPC was taken from
+
+    def absorb(self, other: InstanceInventory) -> None:
+        if other.primary_device is not None and (self.primary_device is None or other.primary_device < self.primary_device):
+            self.vpc, self.primary_device = other.vpc, other.primary_device
+        elif not self.vpc:
+            self.vpc = other.vpc
+        self.private |= other.private
+        self.public |= other.public
+        self.ipv6 |= other.ipv6
+        self.egress = self.egress or other.egress
+
+    def to_mapping(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"vpc": self.vpc} if self.vpc else {}
+        for key in ("private", "public", "ipv6"):
+            entry[key] = sorted(getattr(self, key), key=address_key)
+        entry["egress"] = self.egress
+        return entry
+
+
+@dataclass(slots=True, kw_only=True)
+class RegionInventory:
+    """What one region of one account holds."""
+
+    cidrs: set[str] = field(default_factory=set)
+    vpc_endpoints: dict[str, str] = field(default_factory=dict)  # endpoint ID -> VPC ID ("" unknown)
+    instances: dict[str, InstanceInventory] = field(default_factory=dict)
+
+    def absorb(self, other: RegionInventory) -> None:
+        self.cidrs |= other.cidrs
+        for vpce, vpc in other.vpc_endpoints.items():
+            self.vpc_endpoints[vpce] = self.vpc_endpoints.get(vpce) or vpc
+        for instance_id, instance in other.instances.items():
+            self.instances.setdefault(instance_id, InstanceInventory()).absorb(instance)
+
+
+@dataclass(slots=True)
+class AccountInventory(RegionInventory):
     account_id: str
     name: str = ""
     sources: set[str] = field(default_factory=set)  # "organizations", "guardduty", "caller"
-    cidrs: set[str] = field(default_factory=set)
-    vpc_endpoints: set[str] = field(default_factory=set)
     regions_read: list[str] = field(default_factory=list)
     region_errors: dict[str, str] = field(default_factory=dict)
     error: str | None = None  # set when nothing of this account could be read
@@ -96,7 +143,10 @@ class SyncReport:
                     "affiliated": True,
                     "trusted": False,
                     "cidrs": sorted(inv.cidrs),
-                    "vpc_endpoints": sorted(inv.vpc_endpoints),
+                    "vpc_endpoints": {
+                        vpce: ({"vpc": vpc} if vpc else {}) for vpce, vpc in sorted(inv.vpc_endpoints.items())
+                    },
+                    "instances": {iid: instance.to_mapping() for iid, instance in sorted(inv.instances.items())},
                 }
                 for account_id, inv in sorted(self.accounts.items())
             },
@@ -218,24 +268,79 @@ async def _all_guardduty_members(
     return members
 
 
-async def _region_inventory(ec2: Any) -> tuple[set[str], set[str]]:
-    cidrs: set[str] = set()
-    endpoints: set[str] = set()
+def _addresses(values: Iterable[Any], version: int) -> set[str]:
+    """The IP addresses of ``version`` among ``values``, in canonical spelling (anything else dropped)."""
+    found = set()
+    for value in values:
+        try:
+            address = ipaddress.ip_address(str(value).strip())
+        except ValueError:
+            continue
+        if address.version == version:
+            found.add(str(address))
+    return found
+
+
+def _interface_instance(eni: Mapping[str, Any], account_id: str) -> tuple[str, InstanceInventory] | None:
+    """The instance ``eni`` is attached to and the addresses it gives that instance; None when detached.
+
+    An interface attached to an instance of another account (a shared VPC's participant, seen by the VPC
+    owner) is left to that account's own sync.
+    """
+    attachment = eni.get("Attachment") or {}
+    instance_id = attachment.get("InstanceId") or ""
+    owner = attachment.get("InstanceOwnerId") or ""
+    if not INSTANCE_RE.match(instance_id) or (ACCOUNT_RE.match(owner) and owner != account_id):
+        return None
+    device = attachment.get("DeviceIndex")
+    vpc = eni.get("VpcId") or ""
+    instance = InstanceInventory(
+        vpc=vpc if VPC_RE.match(vpc) else "",
+        primary_device=device if isinstance(device, int) else None,
+        egress=eni.get("SourceDestCheck") is False,
+    )
+    privates = [eni, *eni.get("PrivateIpAddresses", [])]  # the primary address is in both
+    associations = [eni.get("Association") or {}, *(p.get("Association") or {} for p in privates)]
+    instance.private = _addresses((p.get("PrivateIpAddress") for p in privates), 4)
+    instance.public = _addresses((a.get("PublicIp") for a in associations), 4)
+    instance.ipv6 = _addresses((a.get("Ipv6Address") for a in eni.get("Ipv6Addresses", [])), 6)
+    return instance_id, instance
+
+
+async def _region_inventory(ec2: Any, account_id: str) -> RegionInventory:
+    found = RegionInventory()
     addresses = await ec2.describe_addresses()
-    cidrs.update(f"{a['PublicIp']}/32" for a in addresses.get("Addresses", []) if a.get("PublicIp"))
+    found.cidrs.update(f"{a['PublicIp']}/32" for a in addresses.get("Addresses", []) if a.get("PublicIp"))
     async for page in ec2.get_paginator("describe_nat_gateways").paginate():
         for nat in page.get("NatGateways", []):
             if str(nat.get("State", "")).lower() in ("failed", "deleted"):
                 continue
-            cidrs.update(f"{a['PublicIp']}/32" for a in nat.get("NatGatewayAddresses", []) if a.get("PublicIp"))
+            found.cidrs.update(f"{a['PublicIp']}/32" for a in nat.get("NatGatewayAddresses", []) if a.get("PublicIp"))
     async for page in ec2.get_paginator("describe_vpcs").paginate():
         for vpc in page.get("Vpcs", []):
             for assoc in vpc.get("Ipv6CidrBlockAssociationSet", []):
                 if assoc.get("Ipv6CidrBlockState", {}).get("State") == "associated" and assoc.get("Ipv6CidrBlock"):
-                    cidrs.add(canonical_cidr(assoc["Ipv6CidrBlock"]))
+                    found.cidrs.add(canonical_cidr(assoc["Ipv6CidrBlock"]))
     async for page in ec2.get_paginator("describe_vpc_endpoints").paginate():
-        endpoints.update(e["VpcEndpointId"] for e in page.get("VpcEndpoints", []) if VPCE_RE.match(e.get("VpcEndpointId", "")))
-    return cidrs, endpoints
+        for endpoint in page.get("VpcEndpoints", []):
+            if VPCE_RE.match(endpoint.get("VpcEndpointId", "")):
+                vpc = endpoint.get("VpcId") or ""
+                found.vpc_endpoints[endpoint["VpcEndpointId"]] = vpc if VPC_RE.match(vpc) else ""
+    async for page in ec2.get_paginator("describe_network_interfaces").paginate():
+        for eni in page.get("NetworkInterfaces", []):
+            attached = _interface_instance(eni, account_id)
+            if attached is not None:
+                found.instances.setdefault(attached[0], InstanceInventory()).absorb(attached[1])
+    async for page in ec2.get_paginator("describe_instances").paginate():
+        for reservation in page.get("Reservations", []):
+            for described in reservation.get("Instances", []):
+                instance_id = described.get("InstanceId", "")
+                if (described.get("State") or {}).get("Name") == "terminated":  # its addresses go back to the pool
+                    found.instances.pop(instance_id, None)
+                elif instance_id in found.instances and described.get("SourceDestCheck") is False:
+                    found.instances[instance_id].egress = True
+    found.cidrs.update(f"{ip}/32" for instance in found.instances.values() for ip in instance.public)
+    return found
 
 
 async def _account_inventory(
@@ -270,12 +375,11 @@ async def _account_inventory(
         async with sem:
             try:
                 async with aws.client("ec2", where, credentials) as ec2:
-                    cidrs, endpoints = await _region_inventory(ec2)
+                    found = await _region_inventory(ec2, inv.account_id)
             except _AWS_ERRORS as exc:
                 inv.region_errors[where] = describe_error(exc)
                 return
-        inv.cidrs |= cidrs
-        inv.vpc_endpoints |= endpoints
+        inv.absorb(found)
         inv.regions_read.append(where)
 
     await asyncio.gather(*(one(r) for r in regions))
@@ -290,8 +394,8 @@ def _progress_line(done: int, total: int, inv: AccountInventory) -> str:
     if not inv.ok:
         return f"{label}: ERROR, skipped: {inv.error}"
     line = (
-        f"{label}: {len(inv.cidrs)} CIDRs, {len(inv.vpc_endpoints)} VPC endpoints "
-        f"from {len(inv.regions_read)} region(s)"
+        f"{label}: {len(inv.cidrs)} CIDRs, {len(inv.vpc_endpoints)} VPC endpoints, "
+        f"{len(inv.instances)} instances from {len(inv.regions_read)} region(s)"
     )
     if inv.region_errors:
         failed = ", ".join(f"{r} ({e})" for r, e in sorted(inv.region_errors.items()))
@@ -365,7 +469,7 @@ async def sync_registry(
     (before any AWS call).
     """
     if overlay is not None and not isinstance(overlay, Registry):
-        overlay = registry_from_mapping(overlay, "<overlay>")
+        overlay = normalise_registry(overlay, "<overlay>")[0]
     say = progress or (lambda _line: None)
     report = await collect_inventory(session, options, progress=progress)
     return merge_registry(report.to_mapping(), overlay, warn=lambda m: say(f"WARNING: {m}"))
