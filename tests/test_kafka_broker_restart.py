@@ -36,7 +36,7 @@ from detector.service.app import DetectorService
 pytestmark = pytest.mark.kafka
 
 WORLD = sample_world()
-EXPECTED = sorted(expected_key(e) for e in orjson.loads(WORLD.expected.read_bytes()))
+EXPECTED = sorted(expected_key(e) for e in orjson.loads(WORLD.expected_part2.read_bytes()))  # SPEC part two defaults
 
 
 async def status(port: int, path: str) -> int:
