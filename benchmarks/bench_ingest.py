@@ -78,10 +78,10 @@ async def baseline(bucket: str, keys: list[str], concurrency: int, chunk: int) -
 
 
 async def ingest(server: Any, bootstrap: str, bucket: str, keys: list[str], records: int, concurrency: int) -> float:
-    from ingest_support import ingest_settings, make_queue, queue_counts, sample, start_ingest, stop_ingest
+    from ingest_support import ingest_settings, make_queue, new_topic, queue_counts, sample, start_ingest, stop_ingest
 
     url, _ = make_queue(server, visibility=300)
-    topic = f"bench-ingest-{os.urandom(4).hex()}"
+    topic = await new_topic(bootstrap, "bench-ingest")  # ingest refuses to start on a missing topic
     service, task = await start_ingest(ingest_settings(bootstrap, topic, url, concurrency=concurrency, wait_seconds=1))
     sqs = server.client("sqs")
     notes = [

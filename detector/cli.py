@@ -291,58 +291,41 @@ def run(**kwargs: object) -> None:
     Every setting is a flag, a DETECTOR_* environment variable and a key of the TOML --config file
     (precedence: defaults < file < environment < flags).
     """
-    from .service.settings import Settings
-
-    serve_command("run", kwargs, Settings, "detector.service.app")
+    serve_command("run", kwargs, "detector.service.app:serve")
 
 
-def serve_command(command: str, kwargs: dict[str, object], cls: type, module: str) -> None:
-    """The tail of every long-running command: settings of ``cls`` from flags/env/file, logging, the event
-    loop running ``module.serve(settings)``, exit 2 on a configuration or ``module.StartupError``."""
+def serve_command(command: str, kwargs: dict[str, Any], target: str, log_stream: Any = None) -> None:
+    """The tail of every long-running command (run, ingest, export, respond): the command's settings (those
+    of its SettingsCommand) from flags/env/file, logging to ``log_stream`` (default standard output), uvloop
+    if asked, then the event loop running ``target`` ("module:function", an async function of the settings
+    returning the exit status). Exits 2 on a configuration error or the module's ``StartupError``."""
     import asyncio
     import importlib
 
     from .service.logging import configure_logging
     from .service.settings import SettingsError, settings_from_cli
 
+    command_class = click.get_current_context().command
+    assert isinstance(command_class, SettingsCommand)
     try:
-        settings = settings_from_cli(kwargs, cls)
-    except SettingsError as exc:
-        click.echo(f"detector {command}: configuration error: {exc}", err=True)
-        sys.exit(2)
-    configure_logging(settings.log_level, settings.log_format)
-    if settings.use_uvloop:
-        import uvloop
-
-        uvloop.install()
-    target = importlib.import_module(module)
-    try:
-        code = asyncio.run(target.serve(settings))
-    except target.StartupError as exc:
-        click.echo(f"detector {command}: start-up error: {exc}", err=True)
-        sys.exit(2)
-    sys.exit(code)
-
-
-def _serve_outputs(command: str, settings_class: str, build: str, kwargs: dict[str, Any], log_stream: Any = None) -> None:
-    """Start one findings-topic consumer (export, respond): settings, logging, the loop; exit with its status."""
-    import asyncio
-    import importlib
-
-    from .outputs.consumer import serve
-    from .service.logging import configure_logging
-    from .service.settings import SettingsError, settings_from_cli
-
-    module, _, name = settings_class.partition(":")
-    try:
-        settings = settings_from_cli(kwargs, getattr(importlib.import_module(module), name))
+        settings = settings_from_cli(kwargs, command_class.settings_cls())
     except SettingsError as exc:
         click.echo(f"detector {command}: configuration error: {exc}", err=True)
         sys.exit(2)
     configure_logging(settings.log_level, settings.log_format, stream=log_stream)
-    module, _, name = build.partition(":")
-    consumer = getattr(importlib.import_module(module), name)(settings)
-    sys.exit(asyncio.run(serve(consumer)))
+    if settings.use_uvloop:
+        import uvloop
+
+        uvloop.install()
+    module_name, _, function = target.partition(":")
+    module = importlib.import_module(module_name)
+    startup_errors = getattr(module, "StartupError", ())
+    try:
+        code = asyncio.run(getattr(module, function)(settings))
+    except startup_errors as exc:
+        click.echo(f"detector {command}: start-up error: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)
 
 
 @cli.group("export")
@@ -361,7 +344,7 @@ def export_securityhub(**kwargs: Any) -> None:
     retried on throttling; a finding's later states replace the earlier one (UpdatedAt only moves
     forward). Offsets are committed only after the import. docs/operations.md explains the IAM rights.
     """
-    _serve_outputs("export securityhub", "detector.outputs.settings:ExportSettings", "detector.outputs.export:exporter", kwargs)
+    serve_command("export securityhub", kwargs, "detector.outputs.export:serve")
 
 
 @cli.command(cls=SettingsCommand, settings_class="detector.outputs.settings:RespondSettings", context_settings={"show_default": False})
@@ -374,7 +357,7 @@ def respond(**kwargs: Any) -> None:
     output (logs go to standard error). --role-name-pattern limits the roles it may touch.
     See docs/runbook.md (what it blocks and how to lift it).
     """
-    _serve_outputs("respond", "detector.outputs.settings:RespondSettings", "detector.outputs.respond:responder", kwargs, sys.stderr)
+    serve_command("respond", kwargs, "detector.outputs.respond:serve", log_stream=sys.stderr)
 
 
 @cli.command(
@@ -388,12 +371,10 @@ def ingest(queue_url: tuple[str, ...], **kwargs: object) -> None:
     AWS credentials, region and AWS_ENDPOINT_URL come from the standard AWS chain. Every other setting is a
     flag, a DETECTOR_* environment variable and a key of the TOML --config file (see docs/configuration.md).
     """
-    from .ingest.settings import IngestSettings
-
     if queue_url:
         given = [u for u in str(kwargs.get("queue_urls") or "").split(",") if u]
         kwargs["queue_urls"] = ",".join([*given, *queue_url])
-    serve_command("ingest", kwargs, IngestSettings, "detector.ingest.bridge")
+    serve_command("ingest", kwargs, "detector.ingest.bridge:serve")
 
 
 @cli.command()

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,21 +247,46 @@ def cli_env(keys: dict[str, str]) -> dict[str, str]:
 
 
 @dataclass
-class Fault:
-    """Answer the next ``times`` requests that ``match`` with ``status`` and ``body`` instead of moto's."""
+class Request:
+    """A request the proxy received."""
 
-    match: Any  # (method, path, body) -> bool
+    method: str
+    path: str  # with the query string
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def action(self) -> str:
+        """The API action: the X-Amz-Target of the JSON protocols (SQS, ...), else ``Action=`` of the query
+        protocol (IAM, STS, ...); "" for REST APIs (S3, Security Hub: match ``method`` and ``path``)."""
+        from urllib.parse import parse_qs
+
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        if "x-amz-target" in headers:
+            return headers["x-amz-target"].rsplit(".", 1)[-1]
+        if headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            return parse_qs(self.body.decode()).get("Action", [""])[0]
+        return ""
+
+
+@dataclass
+class Fault:
+    """Answer the next ``times`` requests that ``match`` with ``status``, ``body`` (and ``headers``) instead of
+    the server's."""
+
+    match: Callable[[Request], bool]
     status: int
     body: bytes
     times: int
     content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
     served: int = 0
 
 
 def throttle_json(service_call: str, times: int) -> Fault:
     """Security Hub (REST-JSON) answering HTTP 429 TooManyRequestsException to ``POST <path>``."""
     body = json.dumps({"__type": "TooManyRequestsException", "message": "Rate exceeded"}).encode()
-    return Fault(lambda m, p, b: m == "POST" and p.startswith(service_call), 429, body, times)
+    return Fault(lambda r: r.method == "POST" and r.path.startswith(service_call), 429, body, times)
 
 
 def query_error(action: str, code: str, status: int, times: int, message: str = "injected by the test proxy") -> Fault:
@@ -269,12 +295,26 @@ def query_error(action: str, code: str, status: int, times: int, message: str = 
         f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>"
         f"<RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
     ).encode()
-    return Fault(lambda m, p, b: m == "POST" and f"Action={action}".encode() in b, status, body, times, "text/xml")
+    return Fault(lambda r: r.method == "POST" and r.action == action, status, body, times, "text/xml")
+
+
+def sqs_error(code: str, match: Callable[[Request], bool], times: int, status: int = 400) -> Fault:
+    """SQS (AWS JSON protocol, query-compatible) answering an error ``code``."""
+    body = json.dumps({"__type": f"com.amazonaws.sqs#{code}", "message": f"injected {code}"}).encode()
+    return Fault(match, status, body, times, "application/x-amz-json-1.0", {"x-amzn-query-error": f"{code};Sender"})
+
+
+def s3_error(code: str, status: int, match: Callable[[Request], bool], times: int) -> Fault:
+    """S3 (REST-XML) answering an error ``code``."""
+    body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected {code}</Message></Error>".encode()
+    return Fault(match, status, body, times, "application/xml")
 
 
 class FaultProxy:
-    """A real HTTP proxy in front of the moto server: forwards every request, except that it answers the
-    ones matched by its faults (throttling, IAM LimitExceeded ...) itself, a given number of times."""
+    """A real HTTP proxy in front of the moto server, in threads of its own (so that it serves clients that
+    block the event loop as well as asynchronous ones): forwards every request, except that it answers the
+    ones matched by its faults (throttling, IAM LimitExceeded, expired tokens ...) itself, a given number of
+    times. ``delay`` (request -> seconds) holds requests back first; ``seen`` lists every request."""
 
     def __init__(self, target: str) -> None:
         import http.client
@@ -283,6 +323,8 @@ class FaultProxy:
         from urllib.parse import urlsplit
 
         self.faults: list[Fault] = []
+        self.delay: Callable[[Request], float] | None = None
+        self.seen: list[Request] = []
         self.lock = threading.Lock()
         upstream = urlsplit(target)
         proxy = self
@@ -295,9 +337,10 @@ class FaultProxy:
 
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fault = proxy._take(self.command, self.path, body)
+                request = Request(self.command, self.path, dict(self.headers.items()), body)
+                fault = proxy._take(request)
                 if fault is not None:
-                    self._answer(fault.status, {"Content-Type": fault.content_type}, fault.body)
+                    self._answer(fault.status, {"Content-Type": fault.content_type, **fault.headers}, fault.body)
                     return
                 conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=30)
                 try:
@@ -327,10 +370,15 @@ class FaultProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def _take(self, method: str, path: str, body: bytes) -> Fault | None:
+    def _take(self, request: Request) -> Fault | None:
+        with self.lock:
+            self.seen.append(request)
+            delay = self.delay
+        if delay is not None:
+            time.sleep(delay(request))
         with self.lock:
             for fault in self.faults:
-                if fault.served < fault.times and fault.match(method, path, body):
+                if fault.served < fault.times and fault.match(request):
                     fault.served += 1
                     return fault
         return None

@@ -1,21 +1,18 @@
-"""Support of the `detector ingest` tests and benchmark: queues with redrive policies on a moto server, an
-HTTP proxy in front of moto that injects AWS faults, and an in-process ingest service."""
+"""Support of the `detector ingest` tests and benchmark: queues with redrive policies on a moto server, topics
+on the test broker, and an in-process ingest service (aws_helpers.FaultProxy injects AWS faults)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import aiohttp
-from aiohttp import web
 from aws_helpers import REGION, MotoServer
-from kafka_support import unique, wait_until
+from kafka_support import create_topics, unique, wait_until
 
-from detector.embedded import free_port
 from detector.ingest.bridge import IngestService
 from detector.ingest.settings import IngestSettings
 
@@ -93,6 +90,13 @@ def drain_queue(server: MotoServer, url: str) -> list[str]:
     return bodies
 
 
+async def new_topic(bootstrap: str, prefix: str, partitions: int = 1) -> str:
+    """A topic of its own for a test (the test broker, like a production one, does not create topics on use)."""
+    topic = unique(prefix)
+    await create_topics(bootstrap, {topic: partitions})
+    return topic
+
+
 def ingest_settings(bootstrap: str, topic: str, *queues: str, **overrides: Any) -> IngestSettings:
     values: dict[str, Any] = {
         "kafka_bootstrap": bootstrap,
@@ -126,76 +130,3 @@ async def stop_ingest(service: IngestService, task: asyncio.Task[int]) -> int:
 def sample(service: IngestService, name: str, **labels: str) -> float:
     value = service.metrics.registry.get_sample_value(name, labels or None)
     return value or 0.0
-
-
-# A fault: given the request (method, path, headers), None to forward, else (status, headers, body) to answer.
-Fault = Callable[[str, str, dict[str, str]], tuple[int, dict[str, str], bytes] | None]
-
-
-def sqs_error(code: str, status: int = 400) -> tuple[int, dict[str, str], bytes]:
-    """An SQS (AWS JSON protocol) error answer."""
-    body = json.dumps({"__type": f"com.amazonaws.sqs#{code}", "message": f"injected {code}"}).encode()
-    return status, {"Content-Type": "application/x-amz-json-1.0", "x-amzn-query-error": f"{code};Sender"}, body
-
-
-def s3_error(code: str, status: int) -> tuple[int, dict[str, str], bytes]:
-    body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected {code}</Message></Error>".encode()
-    return status, {"Content-Type": "application/xml"}, body
-
-
-def sqs_action(headers: dict[str, str]) -> str:
-    return headers.get("X-Amz-Target", headers.get("x-amz-target", "")).rsplit(".", 1)[-1]
-
-
-class FaultProxy:
-    """A real HTTP reverse proxy in front of moto: forwards every request unless ``fault`` answers it."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target.rstrip("/")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.fault: Fault | None = None
-        self.delay: Callable[[str, str, dict[str, str]], float] | None = None
-        self.seen: list[tuple[str, str, str]] = []  # (method, path, sqs action)
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-
-    async def stop(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        headers = dict(request.headers)
-        self.seen.append((request.method, request.path, sqs_action(headers)))
-        if self.delay is not None:
-            await asyncio.sleep(self.delay(request.method, request.path_qs, headers))
-        if self.fault is not None:
-            answer = self.fault(request.method, request.path_qs, headers)
-            if answer is not None:
-                status, answer_headers, body = answer
-                return web.Response(status=status, headers=answer_headers, body=body)
-        assert self._session is not None
-        body = await request.read()
-        forward = {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length", "transfer-encoding")}
-        async with self._session.request(request.method, self.target + request.path_qs, headers=forward, data=body) as up:
-            response = web.StreamResponse(status=up.status)
-            for k, v in up.headers.items():
-                if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
-                    response.headers[k] = v
-            if "Content-Encoding" in up.headers:
-                response.headers["Content-Encoding"] = up.headers["Content-Encoding"]
-            await response.prepare(request)
-            async for chunk in up.content.iter_chunked(1 << 16):
-                await response.write(chunk)
-            await response.write_eof()
-            return response

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from aws_helpers import MotoServer, create_user
-from ingest_support import aws_env, ingest_settings, make_queue, notify_bucket, sample, start_ingest, stop_ingest
+from ingest_support import aws_env, ingest_settings, make_queue, new_topic, notify_bucket, sample, start_ingest, stop_ingest
 from kafka_support import broker, read_topic, unique, wait_until  # noqa: F401 - fixtures
 
 from detector.embedded import EmbeddedBroker
@@ -86,7 +86,7 @@ def enforcing() -> Iterator[MotoServer]:
 async def test_ingest_runs_on_the_templates_policy_alone(broker: EmbeddedBroker, enforcing: MotoServer) -> None:
     """With only the policy of ingest-iam.yaml: log files under the trail prefix go through; an object
     outside it is unreadable (AccessDenied), counted, and its message left to the redrive policy."""
-    topic = unique("ingest-iam")
+    topic = await new_topic(broker.bootstrap, "ingest-iam")
     url, dlq = make_queue(enforcing, max_receives=1)
     bucket = unique("trail")
     notify_bucket(enforcing, bucket, url)

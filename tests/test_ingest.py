@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,19 +18,16 @@ from typing import Any
 
 import orjson
 import pytest
-from aws_helpers import MotoServer
+from aws_helpers import FaultProxy, MotoServer, s3_error, sqs_error
 from ingest_support import (
-    FaultProxy,
     aws_env,
     drain_queue,
     ingest_settings,
     make_queue,
+    new_topic,
     notify_bucket,
     queue_counts,
-    s3_error,
     sample,
-    sqs_action,
-    sqs_error,
     start_ingest,
     stop_ingest,
 )
@@ -40,6 +38,7 @@ from kafka_support import (  # noqa: F401 - fixtures
     expected_key,
     finding_key,
     latest_findings,
+    proxied_broker,
     read_topic,
     service_settings,
     unique,
@@ -208,8 +207,8 @@ async def test_world_through_s3_sns_and_eventbridge_yields_the_expected_findings
 async def test_bad_bodies_and_objects_go_to_the_redrive_policy_and_good_ones_through(
     broker: EmbeddedBroker, aws: MotoServer
 ) -> None:
-    topic = unique("ingest-bad")
-    url, dlq = make_queue(aws, max_receives=1)
+    topic = await new_topic(broker.bootstrap, "ingest-bad")
+    url, dlq = make_queue(aws, max_receives=1, visibility=1)
     bucket = unique("bucket")
     s3, sqs = aws.client("s3"), aws.client("sqs")
     s3.create_bucket(Bucket=bucket)
@@ -237,7 +236,8 @@ async def test_bad_bodies_and_objects_go_to_the_redrive_policy_and_good_ones_thr
     for body in [*bad, *good]:
         sqs.send_message(QueueUrl=url, MessageBody=body)
 
-    service, task = await start_ingest(ingest_settings(broker.bootstrap, topic, url))
+    # a failed message reaches the dead-letter queue when received again after its visibility timeout: 1 s
+    service, task = await start_ingest(ingest_settings(broker.bootstrap, topic, url, visibility_timeout_seconds=1))
     await wait_until(lambda: queue_counts(aws, url) == (0, 0) and queue_counts(aws, dlq)[0] == len(bad), timeout=60)
     assert await stop_ingest(service, task) == 0
     assert sorted(drain_queue(aws, dlq)) == sorted(bad)
@@ -266,38 +266,47 @@ async def test_bad_configuration_and_missing_queue_fail_fast(aws: MotoServer) ->
     assert proc.returncode == 2 and "queue_urls" in proc.stderr and "ftp://x" in proc.stderr
 
 
+async def test_a_missing_topic_is_a_start_up_error_naming_the_setting(broker: EmbeddedBroker, aws: MotoServer) -> None:
+    """The broker does not create topics on use (auto.create.topics.enable=false, as in production): ingest
+    refuses to start rather than receive messages it cannot produce, which would only cycle back to the queue."""
+    from detector.ingest.bridge import StartupError
+
+    url, _ = make_queue(aws)
+    aws.client("sqs").send_message(QueueUrl=url, MessageBody=json.dumps({"hello": "world"}))
+    missing = unique("ingest-missing")
+    with pytest.raises(StartupError, match=re.escape(f"topic '{missing}' (the `topic` setting, DETECTOR_TOPIC) does not exist")):
+        await start_ingest(ingest_settings(broker.bootstrap, missing, url))
+    proc = subprocess.run(
+        [sys.executable, "-m", "detector", "ingest"], env=ingest_env(aws.url, broker.bootstrap, missing, url, free_port()),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "start-up error" in proc.stderr and missing in proc.stderr and "DETECTOR_TOPIC" in proc.stderr
+    assert queue_counts(aws, url) == (1, 0)  # nothing received
+
+
 # --- faults --------------------------------------------------------------------------------------
 
 
 async def test_throttling_is_retried_with_backoff(broker: EmbeddedBroker, aws: MotoServer) -> None:
     """SQS and S3 throttle the first calls: botocore's standard retries absorb it, nothing fails."""
-    topic = unique("ingest-throttle")
+    topic = await new_topic(broker.bootstrap, "ingest-throttle")
     url, _ = make_queue(aws)
     bucket = unique("bucket")
     notify_bucket(aws, bucket, url)
     aws.client("s3").put_object(Bucket=bucket, Key="a.json.gz", Body=log_file([ct_record(1)]))
     proxy = FaultProxy(aws.url)
-    await proxy.start()
-    throttled = {"sqs": 0, "s3": 0}
-
-    def fault(method: str, path: str, headers: dict[str, str]) -> Any:
-        if sqs_action(headers) == "ReceiveMessage" and throttled["sqs"] < 2:
-            throttled["sqs"] += 1
-            return sqs_error("ThrottlingException")
-        if method == "GET" and path.startswith(f"/{bucket}/") and throttled["s3"] < 2:
-            throttled["s3"] += 1
-            return s3_error("SlowDown", 503)
-        return None
-
-    proxy.fault = fault
+    throttled = [
+        proxy.add(sqs_error("ThrottlingException", lambda r: r.action == "ReceiveMessage", times=2)),
+        proxy.add(s3_error("SlowDown", 503, lambda r: r.method == "GET" and r.path.startswith(f"/{bucket}/"), times=2)),
+    ]
     try:
         with aws_env(proxy.url):
             service, task = await start_ingest(ingest_settings(broker.bootstrap, topic, url))
             await wait_until(lambda: queue_counts(aws, url) == (0, 0), timeout=60)
             assert await stop_ingest(service, task) == 0
     finally:
-        await proxy.stop()
-    assert throttled == {"sqs": 2, "s3": 2}
+        proxy.stop()
+    assert [fault.served for fault in throttled] == [2, 2]
     assert [v["eventID"] for v in values(await read_topic(broker.bootstrap, topic))] == [ct_record(1)["eventID"]]
     assert sample(service, "detector_ingest_failures_total", reason="throttled") == 0
     assert sample(service, "detector_ingest_receive_errors_total", reason="throttled") == 0
@@ -307,23 +316,17 @@ async def test_expired_credentials_and_endless_throttling_give_a_clear_error_the
     broker: EmbeddedBroker, aws: MotoServer
 ) -> None:
     """~10 s: two receive backoffs, botocore's retries of S3 with jitter, then a 2 s visibility timeout."""
-    topic = unique("ingest-expired")
+    topic = await new_topic(broker.bootstrap, "ingest-expired")
     url, dlq = make_queue(aws, max_receives=5, visibility=2)
     bucket = unique("bucket")
     notify_bucket(aws, bucket, url)
     drain_queue(aws, url)  # the s3:TestEvent
     proxy = FaultProxy(aws.url)
-    await proxy.start()
     mode = {"sqs": "expired", "s3": None}
-
-    def fault(method: str, path: str, headers: dict[str, str]) -> Any:
-        if sqs_action(headers) == "ReceiveMessage" and mode["sqs"] == "expired":
-            return sqs_error("ExpiredToken", 403)
-        if method == "GET" and path.startswith(f"/{bucket}/") and mode["s3"] == "throttled":
-            return s3_error("SlowDown", 503)
-        return None
-
-    proxy.fault = fault
+    forever = 1 << 30
+    proxy.add(sqs_error("ExpiredToken", lambda r: r.action == "ReceiveMessage" and mode["sqs"] == "expired", forever, 403))
+    in_bucket = lambda r: r.method == "GET" and r.path.startswith(f"/{bucket}/")  # noqa: E731
+    proxy.add(s3_error("SlowDown", 503, lambda r: in_bucket(r) and mode["s3"] == "throttled", forever))
     out = io.StringIO()
     configure_logging("warning", "json", stream=out)
     try:
@@ -341,7 +344,7 @@ async def test_expired_credentials_and_endless_throttling_give_a_clear_error_the
             await wait_until(lambda: queue_counts(aws, url) == (0, 0), timeout=30)
             assert await stop_ingest(service, task) == 0
     finally:
-        await proxy.stop()
+        proxy.stop()
         configure_logging("warning", "json", stream=sys.__stderr__)
     assert [v["eventID"] for v in values(await read_topic(broker.bootstrap, topic))] == [ct_record(1)["eventID"]]
     lines = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
@@ -354,8 +357,7 @@ async def test_expired_credentials_and_endless_throttling_give_a_clear_error_the
 
 
 async def test_broker_unreachable_messages_stay_in_the_queue(broker: EmbeddedBroker, aws: MotoServer) -> None:
-    topic = unique("ingest-nobroker")
-    await create_topics(broker.bootstrap, {topic: 1})
+    topic = await new_topic(broker.bootstrap, "ingest-nobroker")
     url, _ = make_queue(aws)
     sqs = aws.client("sqs")
     event = {"version": "0", "id": "1", "detail-type": "AWS API Call via CloudTrail", "source": "aws.ec2", "detail": ct_record(1)}
@@ -375,36 +377,30 @@ async def test_broker_unreachable_messages_stay_in_the_queue(broker: EmbeddedBro
     assert len(got) == 3 and all(m.key == INSTANCE.encode() for m in got)
 
 
-async def test_broker_lost_mid_run_messages_stay_until_it_is_back(aws: MotoServer) -> None:
+async def test_broker_lost_mid_run_messages_stay_until_it_is_back(broker: EmbeddedBroker, aws: MotoServer) -> None:
     """The producer waits for a lost broker (aiokafka retries without end); the messages in work keep their
     visibility renewed, none is deleted or dead-lettered, and they go through once the broker is back."""
-    proxy_port = free_port()
-    backend = EmbeddedBroker(advertised_port=proxy_port).start()  # clients reach it only through the proxy
-    proxy = TcpProxy(proxy_port, backend.port)
-    await proxy.start()
-    topic = unique("ingest-brokerlost")
-    await create_topics(backend.bootstrap, {topic: 1})
-    url, dlq = make_queue(aws, max_receives=2)
-    sqs = aws.client("sqs")
-    event = {"version": "0", "id": "1", "detail-type": "AWS API Call via CloudTrail", "source": "aws.ec2", "detail": ct_record(1)}
-    service, task = await start_ingest(ingest_settings(backend.bootstrap, topic, url, visibility_timeout_seconds=2))
-    try:
-        sqs.send_message(QueueUrl=url, MessageBody=json.dumps(event))
-        await wait_until(lambda: queue_counts(aws, url) == (0, 0), timeout=30)
-        await proxy.cut()
-        for _ in range(2):
+    async with proxied_broker(broker) as backend:  # ingest reaches the broker only through the proxy
+        topic = await new_topic(backend.direct, "ingest-brokerlost")
+        url, dlq = make_queue(aws, max_receives=2)
+        sqs = aws.client("sqs")
+        event = {"version": "0", "id": "1", "detail-type": "AWS API Call via CloudTrail", "source": "aws.ec2", "detail": ct_record(1)}
+        service, task = await start_ingest(ingest_settings(backend.bootstrap, topic, url, visibility_timeout_seconds=2))
+        try:
             sqs.send_message(QueueUrl=url, MessageBody=json.dumps(event))
-        await wait_until(lambda: sample(service, "detector_ingest_messages_in_flight") == 2, timeout=30)
-        await asyncio.sleep(5)  # more than twice the visibility timeout
-        assert queue_counts(aws, url) == (0, 2) and queue_counts(aws, dlq) == (0, 0)  # in work: not deleted, not dead
-        assert sample(service, "detector_ingest_visibility_extensions_total") >= 2
-        await proxy.start()
-        await wait_until(lambda: queue_counts(aws, url) == (0, 0), timeout=60)
-        assert len(await read_topic(backend.bootstrap, topic)) == 3
-    finally:
-        assert await stop_ingest(service, task) == 0
-        await proxy.cut()
-        backend.stop()
+            await wait_until(lambda: queue_counts(aws, url) == (0, 0), timeout=30)
+            await backend.proxy.cut()
+            for _ in range(2):
+                sqs.send_message(QueueUrl=url, MessageBody=json.dumps(event))
+            await wait_until(lambda: sample(service, "detector_ingest_messages_in_flight") == 2, timeout=30)
+            await asyncio.sleep(5)  # more than twice the visibility timeout
+            assert queue_counts(aws, url) == (0, 2) and queue_counts(aws, dlq) == (0, 0)  # in work: not deleted, not dead
+            assert sample(service, "detector_ingest_visibility_extensions_total") >= 2
+            await backend.proxy.start()
+            await wait_until(lambda: queue_counts(aws, url) == (0, 0), timeout=60)
+            assert len(await read_topic(backend.direct, topic)) == 3
+        finally:
+            assert await stop_ingest(service, task) == 0
     assert queue_counts(aws, dlq) == (0, 0)
 
 
@@ -451,8 +447,7 @@ async def test_oversized_object_streamed_in_bounded_memory_and_sigterm_drains(
 ) -> None:
     """A 150 MB (decompressed) log file through `detector ingest` in a child process: its peak RSS stays far
     below the object; SIGTERM mid-object lets the message finish (all records acknowledged, then deleted)."""
-    topic = unique("ingest-big")
-    await create_topics(broker.bootstrap, {topic: 1})
+    topic = await new_topic(broker.bootstrap, "ingest-big")
     url, _ = make_queue(aws)
     bucket = unique("bucket")
     notify_bucket(aws, bucket, url)
@@ -490,8 +485,7 @@ async def test_oversized_object_streamed_in_bounded_memory_and_sigterm_drains(
 async def test_sigkill_mid_message_is_redelivered_after_the_visibility_timeout(
     broker: EmbeddedBroker, aws: MotoServer, tmp_path: Path
 ) -> None:
-    topic = unique("ingest-kill")
-    await create_topics(broker.bootstrap, {topic: 1})
+    topic = await new_topic(broker.bootstrap, "ingest-kill")
     url, dlq = make_queue(aws, max_receives=3)
     bucket = unique("bucket")
     notify_bucket(aws, bucket, url)
@@ -525,14 +519,13 @@ async def test_sigkill_mid_message_is_redelivered_after_the_visibility_timeout(
 async def test_visibility_is_renewed_while_a_message_is_in_work(broker: EmbeddedBroker, aws: MotoServer) -> None:
     """S3 answers slower than the visibility timeout: the heartbeat keeps the message invisible, so it is
     received once and produced once."""
-    topic = unique("ingest-slow")
+    topic = await new_topic(broker.bootstrap, "ingest-slow")
     url, _ = make_queue(aws, max_receives=5)
     bucket = unique("bucket")
     notify_bucket(aws, bucket, url)
     drain_queue(aws, url)
     proxy = FaultProxy(aws.url)
-    await proxy.start()
-    proxy.delay = lambda method, path, headers: 5.0 if method == "GET" and path.startswith(f"/{bucket}/") else 0.0
+    proxy.delay = lambda r: 5.0 if r.method == "GET" and r.path.startswith(f"/{bucket}/") else 0.0
     try:
         with aws_env(proxy.url):
             service, task = await start_ingest(ingest_settings(broker.bootstrap, topic, url, visibility_timeout_seconds=2))
@@ -544,10 +537,10 @@ async def test_visibility_is_renewed_while_a_message_is_in_work(broker: Embedded
             await wait_until(lambda: queue_counts(aws, url) == (0, 0), timeout=30)
             assert await stop_ingest(service, task) == 0
     finally:
-        await proxy.stop()
+        proxy.stop()
     assert sample(service, "detector_ingest_visibility_extensions_total") >= 2
     assert len(await read_topic(broker.bootstrap, topic)) == 1
-    assert sum(1 for _, _, action in proxy.seen if action == "ReceiveMessage") >= 1
+    assert sum(1 for r in proxy.seen if r.action == "ReceiveMessage") >= 1
     assert sample(service, "detector_ingest_failures_total", reason="aws_error") == 0
 
 
@@ -556,7 +549,7 @@ async def test_http_endpoints_and_metric_names(broker: EmbeddedBroker, aws: Moto
     from prometheus_client.parser import text_string_to_metric_families
 
     url, _ = make_queue(aws)
-    service, task = await start_ingest(ingest_settings(broker.bootstrap, unique("ingest-http"), url))
+    service, task = await start_ingest(ingest_settings(broker.bootstrap, await new_topic(broker.bootstrap, "ingest-http"), url))
     try:
         async with aiohttp.ClientSession() as http:
             base = f"http://127.0.0.1:{service.http.port}"
@@ -585,7 +578,7 @@ async def test_events_through_a_real_eventbridge_rule_with_the_templates_pattern
 
     template = cfn_yaml.load(str(Path(__file__).resolve().parents[1] / "deploy" / "aws" / "eventbridge-queue.yaml"))
     pattern = json.loads(json.dumps(template["Resources"]["Rule"]["Properties"]["EventPattern"]))
-    topic = unique("ingest-eb")
+    topic = await new_topic(broker.bootstrap, "ingest-eb")
     url, _ = make_queue(aws)
     events, sqs = aws.client("events"), aws.client("sqs")
     rule = unique("rule")
@@ -621,17 +614,12 @@ def test_queue_url_flag_repeats_and_adds_to_the_setting(aws: MotoServer) -> None
     assert "first-missing" not in proc.stderr
 
 
-async def test_sigterm_during_a_broker_outage_exits_within_the_grace_period(aws: MotoServer) -> None:
-    proxy_port = free_port()
-    backend = EmbeddedBroker(advertised_port=proxy_port).start()
-    proxy = TcpProxy(proxy_port, backend.port)
-    await proxy.start()
-    topic = unique("ingest-outage-stop")
-    await create_topics(backend.bootstrap, {topic: 1})
-    url, dlq = make_queue(aws, max_receives=2)
-    try:
+async def test_sigterm_during_a_broker_outage_exits_within_the_grace_period(broker: EmbeddedBroker, aws: MotoServer) -> None:
+    async with proxied_broker(broker) as backend:
+        topic = await new_topic(backend.direct, "ingest-outage-stop")
+        url, dlq = make_queue(aws, max_receives=2)
         service, task = await start_ingest(ingest_settings(backend.bootstrap, topic, url, grace_seconds=2, visibility_timeout_seconds=3))
-        await proxy.cut()
+        await backend.proxy.cut()
         event = {"version": "0", "id": "1", "detail-type": "AWS API Call via CloudTrail", "source": "aws.ec2", "detail": ct_record(1)}
         aws.client("sqs").send_message(QueueUrl=url, MessageBody=json.dumps(event))
         await wait_until(lambda: sample(service, "detector_ingest_messages_in_flight") == 1, timeout=30)
@@ -640,6 +628,3 @@ async def test_sigterm_during_a_broker_outage_exits_within_the_grace_period(aws:
         assert time.monotonic() - started < 10
         assert sample(service, "detector_ingest_failures_total", reason="shutdown") == 1
         assert sum(queue_counts(aws, url)) == 1 and queue_counts(aws, dlq) == (0, 0)  # left to the queue
-    finally:
-        await proxy.cut()
-        backend.stop()

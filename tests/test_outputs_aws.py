@@ -265,7 +265,7 @@ async def test_export_invalid_access_from_batch_import_is_a_disabled_hub(
     proxy = FaultProxy(moto.url)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     body = json.dumps({"__type": "InvalidAccessException", "Message": f"Account {account} is not subscribed to AWS Security Hub"})
-    fault = proxy.add(Fault(lambda m, p, b: m == "POST" and p.startswith("/findings/import"), 401, body.encode(), 10_000))
+    fault = proxy.add(Fault(lambda r: r.method == "POST" and r.path.startswith("/findings/import"), 401, body.encode(), 10_000))
     topic = unique("findings")
     messages = [(f["id"].encode(), orjson.dumps(f)) for f in mine]
     await produce(broker.bootstrap, topic, messages, partitions=1)
@@ -309,7 +309,7 @@ async def test_export_with_own_credentials_and_failed_findings_reported(
         {"Id": later["arn"], "ErrorCode": "InvalidInput", "ErrorMessage": "Finding does not adhere to ASFF"}]}  # fmt: skip
     proxy = FaultProxy(moto.url)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    proxy.add(Fault(lambda m, p, b: m == "POST" and p.startswith("/findings/import"), 200, json.dumps(answer).encode(), 1))
+    proxy.add(Fault(lambda r: r.method == "POST" and r.path.startswith("/findings/import"), 200, json.dumps(answer).encode(), 1))
     await produce(broker.bootstrap, topic, [(later["id"].encode(), orjson.dumps(later))], partitions=1)
     settings = export_settings(broker.bootstrap, topic, assume_role_arn=None)  # a new group: no wait for the old one
     try:
@@ -454,7 +454,7 @@ async def test_respond_faults_role_gone_limit_throttling_pattern_and_size(
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     proxy.add(query_error("ListRolePolicies", "Throttling", 400, 2, "Rate exceeded"))
     limit = proxy.add(query_error("PutRolePolicy", "LimitExceeded", 409, 1, "Cannot exceed quota for PoliciesPerRole"))
-    limit.match = lambda m, p, b, r=limited: m == "POST" and b"Action=PutRolePolicy" in b and f"RoleName={r}".encode() in b
+    limit.match = lambda r, role=limited: r.action == "PutRolePolicy" and f"RoleName={role}".encode() in r.body
     topic = unique("findings")
     messages = [(f["id"].encode(), orjson.dumps(f)) for f in states.final.values()]
     await produce(broker.bootstrap, topic, messages)

@@ -220,15 +220,22 @@ class IngestService:
             )
             try:
                 await producer.start()
-                self.producer = producer
-                log.info("connected", attempt=attempt)
-                return True
+                topics = (await producer.client.fetch_all_metadata()).topics()
             except (KafkaError, OSError) as exc:
                 self.metrics.broker_errors.inc()
                 await producer.stop()
                 log.warning("broker_unreachable", attempt=attempt, retry_in_seconds=round(delay, 1), error=f"{type(exc).__name__}: {exc}")
                 await self._sleep(delay)
                 delay = min(delay * 2, s.retry_max_seconds)
+                continue
+            self.producer = producer
+            if s.topic not in topics:  # produce would fail every message, which would only cycle back to its queue
+                raise StartupError(
+                    f"topic {s.topic!r} (the `topic` setting, DETECTOR_TOPIC) does not exist on {s.kafka_bootstrap}: "
+                    "create it (with the partitions detector run's input needs) or set `topic` to an existing one"
+                )
+            log.info("connected", attempt=attempt)
+            return True
         return False
 
     async def _sleep(self, seconds: float) -> None:

@@ -19,7 +19,7 @@ class IngestSettings(KafkaClientSettings):
         description="SQS queue URLs to read, comma-separated (`--queue-url` may also be repeated); at least one.",
         json_schema_extra={"doc_default": "none (required)"},
     )
-    topic: str = Field("cloudtrail", description="Topic every record and event is produced to (the detector's first input topic).")
+    topic: str = Field("cloudtrail", description="Topic every record and event is produced to (the detector's first input topic). It must exist: ingest checks at start-up and exits with an error naming it if not (it never creates topics).")
     wait_seconds: int = Field(20, ge=0, le=20, description="SQS long-poll wait of each receive, seconds.")
     max_messages: int = Field(10, ge=1, le=10, description="Most messages taken by one receive.")
     visibility_timeout_seconds: int = Field(

@@ -260,7 +260,7 @@ class FindingConsumer:
         self.committed.update(offsets)
 
 
-async def serve(consumer: FindingConsumer) -> int:
+async def serve_consumer(consumer: FindingConsumer) -> int:
     """Run ``consumer`` until SIGTERM/SIGINT; the process exit status."""
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, consumer.stop)

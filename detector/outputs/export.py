@@ -22,7 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..aws.sync import describe_error
 from .asff import to_asff
 from .aws import AssumeRoleFailed, AwsAccess, Transient, error_code, is_denied
-from .consumer import FindingConsumer, Incoming, Recent
+from .consumer import FindingConsumer, Incoming, Recent, serve_consumer
 from .metrics import ACCESS_DENIED, ASSUME_ROLE, AWS_ERROR, OutputMetrics
 from .settings import ExportSettings
 
@@ -157,3 +157,8 @@ class SecurityHubExporter:
 def exporter(settings: ExportSettings) -> FindingConsumer:
     metrics = ExportMetrics()
     return FindingConsumer(settings, metrics, SecurityHubExporter(settings, metrics))
+
+
+async def serve(settings: ExportSettings) -> int:
+    """`detector export securityhub` until SIGTERM/SIGINT; the process exit status."""
+    return await serve_consumer(exporter(settings))

@@ -25,7 +25,7 @@ from prometheus_client import Counter
 
 from ..aws.sync import describe_error
 from .aws import AssumeRoleFailed, AwsAccess, Transient, error_code, is_denied
-from .consumer import FindingConsumer, Incoming, Recent
+from .consumer import FindingConsumer, Incoming, Recent, serve_consumer
 from .containment import CONTAINED_SEVERITY, NO_ADDRESS, ROLE_POLICY_LIMIT, UNSUPPORTED_TYPE, Merge, merge, policy, policy_size, rebase, sid, statement
 from .metrics import ACCESS_DENIED, ASSUME_ROLE, AWS_ERROR, OutputMetrics
 from .settings import RespondSettings
@@ -231,3 +231,8 @@ class Responder:
 def responder(settings: RespondSettings) -> FindingConsumer:
     metrics = RespondMetrics()
     return FindingConsumer(settings, metrics, Responder(settings, metrics))
+
+
+async def serve(settings: RespondSettings) -> int:
+    """`detector respond` until SIGTERM/SIGINT; the process exit status."""
+    return await serve_consumer(responder(settings))
