@@ -389,8 +389,8 @@ class DetectorProcess:
                 stdin=subprocess.DEVNULL,
             )
 
-    async def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics summed over its labels ({} while it does not answer)."""
+    async def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of /metrics by (name, sorted labels) ({} while it does not answer)."""
         import aiohttp
         from prometheus_client.parser import text_string_to_metric_families
 
@@ -400,10 +400,17 @@ class DetectorProcess:
                     text = await resp.text()
         except aiohttp.ClientError:
             return {}
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for fam in text_string_to_metric_families(text)
+            for sample in fam.samples
+        }
+
+    async def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics summed over its labels ({} while it does not answer)."""
         values: dict[str, float] = {}
-        for fam in text_string_to_metric_families(text):
-            for sample in fam.samples:
-                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+        for (name, _), value in (await self.samples()).items():
+            values[name] = values.get(name, 0.0) + value
         return values
 
     async def status(self, path: str) -> int | None:

@@ -706,8 +706,8 @@ def test_metric_name_extraction() -> None:
 
 
 @pytest.fixture(scope="module")
-def exported_metrics(broker: EmbeddedBroker) -> set[str]:  # noqa: F811
-    """Every series name a real `detector run` exports on /metrics (histogram and counter suffixes included)."""
+def exported_scrape(broker: EmbeddedBroker) -> str:  # noqa: F811
+    """The /metrics text of a real `detector run`, then of `detector export` and `detector respond`."""
 
     async def scrape() -> str:
         prefix = unique("deploy-metrics")
@@ -748,10 +748,15 @@ def exported_metrics(broker: EmbeddedBroker) -> set[str]:  # noqa: F811
                 await asyncio.wait_for(task, timeout=30)
         return texts
 
-    text = asyncio.run(scrape()) + "".join(asyncio.run(scrape_outputs()))
+    return asyncio.run(scrape()) + "".join(asyncio.run(scrape_outputs()))
+
+
+@pytest.fixture(scope="module")
+def exported_metrics(exported_scrape: str) -> set[str]:
+    """Every series name the scrape holds (histogram and counter suffixes included)."""
     names: set[str] = set()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count"), "info": ("_info",)}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(exported_scrape):
         names.add(family.name)
         names.update(family.name + s for s in suffixes.get(family.type, ()))
         names.update(sample.name for sample in family.samples)
@@ -771,6 +776,35 @@ def test_alert_rules_and_dashboard_use_only_exported_metrics(exported_metrics: s
         used[f"dashboard {expr}"] = names
     unknown = {where: names - exported_metrics for where, names in used.items() if names - exported_metrics}
     assert not unknown, f"metrics the service does not export: {unknown}"
+
+
+# SPEC §5, §11-§13: each finding type (the label is its last name) with its severity.
+FINDING_SERIES = {
+    ("InsideAWS", "5"), ("InsideAWS", "8"), ("OutsideAWS", "8"), ("AfterInstanceStopped", "8"),
+    ("OtherInstance", "8"), ("InstanceCredentialsDeliveredByIMDSv1", "2"),
+}
+
+
+def queried_types(expr: str) -> set[str]:
+    """The values a query's ``type`` matchers name (``type="A"``, ``type=~"A|B"``)."""
+    return {v for m in re.finditer(r'\btype=~?"([^"]*)"', expr) for v in m.group(1).split("|")}
+
+
+def test_finding_types_queried_are_exported(exported_scrape: str) -> None:
+    """Every type/severity pair is on /metrics from start-up (so increase() and the dashboard see the first
+    finding of a type), and every type a rule or panel selects is one of them."""
+    series = {
+        (sample.labels["type"], sample.labels["severity"])
+        for family in text_string_to_metric_families(exported_scrape)
+        for sample in family.samples
+        if sample.name == "detector_findings_total"
+    }
+    assert series == FINDING_SERIES
+    assert "detector_lifecycle_instances" in exported_scrape
+    exprs = [r["expr"] for r in alert_rules()] + [grafana_to_promql(e) for e in dashboard_exprs()]
+    selected = set().union(*(queried_types(e) for e in exprs))
+    assert {"AfterInstanceStopped", "OtherInstance", "InstanceCredentialsDeliveredByIMDSv1"} <= selected
+    assert selected <= {t for t, _ in FINDING_SERIES}, selected
 
 
 def test_alert_rules_cover_the_operational_signals() -> None:
@@ -795,6 +829,12 @@ def test_alert_rules_cover_the_operational_signals() -> None:
     assert len(high) == 1 and len(medium) == 1 and high[0]["alert"] != medium[0]["alert"]
     assert high[0]["labels"]["severity"] == "critical"
     assert 'severity="5"' not in high[0]["expr"] and 'severity="8"' not in medium[0]["expr"]
+    # the High alert selects no type, so AfterInstanceStopped and OtherInstance (severity 8) page too
+    assert not queried_types(high[0]["expr"]) and not queried_types(medium[0]["expr"])
+    # IMDSv1 deliveries (severity 2) are hygiene: one info (ticket) alert of their own, never a page
+    imdsv1 = [r for r in finding_rules if "InstanceCredentialsDeliveredByIMDSv1" in queried_types(r["expr"])]
+    assert len(imdsv1) == 1 and imdsv1[0]["labels"]["severity"] == "info"
+    assert imdsv1[0]["alert"] not in (high[0]["alert"], medium[0]["alert"])
     registry = by_metric["detector_registry_reloads_total"]
     assert all('result="failure"' in r["expr"] for r in registry)
 
@@ -823,6 +863,10 @@ def test_dashboard_has_the_panels(tmp_path: Path) -> None:
     assert panel_with("detector_rebalances_total")
     assert panel_with("detector_dead_letters_total")
     assert panel_with("detector_restoring_partitions") and panel_with("detector_restore_records_total")
+    # SPEC part two: the High types GuardDuty cannot raise, IMDSv1 hygiene, the lifecycle entries (§11)
+    for finding_type in ("AfterInstanceStopped", "OtherInstance", "InstanceCredentialsDeliveredByIMDSv1"):
+        assert panel_with("detector_findings_total", finding_type), finding_type
+    assert panel_with("detector_lifecycle_instances")
     if PROMTOOL is None:
         return
     # every panel query is valid PromQL: promtool parses them as recording rules

@@ -140,19 +140,26 @@ def test_record_keys_follow_spec_10() -> None:
     issuance = record(
         eventName="AssumeRole",
         userIdentity={"type": "AWSService", "invokedBy": "ec2.amazonaws.com"},
-        requestParameters={"roleSessionName": I2, "roleArn": "arn:aws:iam::1:role/web"},
+        requestParameters={"roleSessionName": I2, "roleArn": "arn:aws:iam::111122223333:role/web"},
     )
     assert record_key(issuance) == I2
     assert record_key(issuance | {"userIdentity": {"type": "AWSService", "invokedBy": "lambda.amazonaws.com"}}) is None
     items = {"instancesSet": {"items": [{"instanceId": I2}, {"instanceId": I1}]}}
+    ec2 = {"eventSource": "ec2.amazonaws.com", "userIdentity": user}
     for name in ("StopInstances", "StartInstances", "TerminateInstances"):
-        assert record_key(record(eventName=name, userIdentity=user, requestParameters=items, responseElements=None)) == I2
+        assert record_key(record(eventName=name, requestParameters=items, responseElements=None) | ec2) == I2
         swapped = {"instancesSet": {"items": [{"instanceId": I1}]}}
-        assert record_key(record(eventName=name, userIdentity=user, requestParameters=items, responseElements=swapped)) == I1
+        assert record_key(record(eventName=name, requestParameters=items, responseElements=swapped) | ec2) == I1
+        # not a lifecycle signal (SPEC §11), so nothing to key by: a failed or DryRun call, another service
+        assert record_key(record(eventName=name, requestParameters=items, errorCode="Client.UnauthorizedOperation") | ec2) is None
+        assert record_key(record(eventName=name, requestParameters=items | {"dryRun": True}) | ec2) is None
+        assert record_key(record(eventName=name, requestParameters=items, userIdentity=user)) is None
+    # the session's own instance comes first when an instance stops another one
+    assert record_key(record(eventName="StopInstances", eventSource="ec2.amazonaws.com", requestParameters=items)) == I1
     evicted = record(eventName="BidEvictedEvent", userIdentity={"accountId": "1"}, serviceEventDetails={"instanceIdSet": [I2]})
     assert record_key(evicted) == I2
-    assert record_key(record(eventName="AssociateAddress", userIdentity=user, requestParameters={"instanceId": I2})) == I2
-    assert record_key(record(eventName="AssociateAddress", userIdentity=user, requestParameters={"instanceId": "x"})) is None
+    assert record_key(record(eventName="AssociateAddress", requestParameters={"instanceId": I2}) | ec2) == I2
+    assert record_key(record(eventName="AssociateAddress", requestParameters={"instanceId": "x"}) | ec2) is None
     assert record_key(42) is None and record_key({"userIdentity": "x"}) is None
 
 
@@ -160,6 +167,7 @@ def test_event_keys() -> None:
     change = eventbridge({"instance-id": I2, "state": "stopped"}, "EC2 Instance State-change Notification")
     assert event_key(change) == I2
     assert event_key(eventbridge(record())) == I1
+    assert event_key(eventbridge({"instance-id": I2, "state": "rebooting"}, "EC2 Instance State-change Notification")) is None
     assert event_key(eventbridge({"x": 1}, "Something Else")) is None
     assert event_key(eventbridge("not an object")) is None  # type: ignore[arg-type]
 

@@ -26,7 +26,7 @@ from aws_helpers import (
 
 from detector.aws import SyncError, SyncOptions, merge_registry, sync_registry, write_registry
 from detector.aws.merge import normalise_registry
-from detector.core.registry import Registry, RegistryError, registry_from_mapping
+from detector.core.registry import RegistryError
 from detector.registry import load_registry
 
 pytestmark = pytest.mark.aws
@@ -36,25 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def canonical(cidr: str) -> str:
     return str(ipaddress.ip_network(cidr))
-
-
-def _parser_reads_instances() -> bool:
-    try:
-        registry_from_mapping({"accounts": {"111122223333": {"instances": {}, "vpc_endpoints": {}}}})
-    except RegistryError:
-        return False
-    return True
-
-
-PARSER_READS_INSTANCES = _parser_reads_instances()  # the detector's own parser knows the SPEC §12 keys
-
-
-def load_written(path: Path) -> Registry:
-    """What a synced file loads as: with the detector's loader when its parser reads the §12 keys, else
-    the §7 part as the sync's own validation (``normalise_registry``) reads it."""
-    if PARSER_READS_INSTANCES:
-        return load_registry(path)
-    return normalise_registry(json.loads(path.read_text()), str(path))[1]
 
 
 def run_sync(server: MotoServer, keys: dict[str, str], output: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -110,7 +91,7 @@ def test_sync_lists_every_account_with_its_inventory(world: tuple[MotoServer, Or
     result = run_sync(server, ROOT_KEYS, output)
     assert result.returncode == 0, result.stderr
 
-    registry = load_written(output)
+    registry = load_registry(output)
     expected = {org.management} | {m.account_id for m in org.members.values()}
     assert set(registry.accounts) == expected
     assert all(registry.is_affiliated(a) for a in expected)
@@ -165,7 +146,7 @@ accounts = ["{a.account_id}"]
     output = tmp_path / "registry.json"
     result = run_sync(server, ROOT_KEYS, output, "--overlay", str(overlay))
     assert result.returncode == 0, result.stderr
-    registry = load_written(output)
+    registry = load_registry(output)
 
     entry_a = registry.accounts[a.account_id]
     assert (entry_a.name, entry_a.trusted, entry_a.affiliated) == ("prod (human)", True, True)
@@ -227,7 +208,7 @@ def test_unassumable_account_is_reported_and_skipped(strict_world, tmp_path: Pat
     assert b.account_id in failure and "AccessDenied" in failure
     assert f"1 account(s) skipped: {b.account_id}" in result.stderr
 
-    registry = load_written(output)
+    registry = load_registry(output)
     assert registry.is_affiliated(b.account_id) and not registry.has_inventory(b.account_id)
     assert {f"{ip}/32" for ip in a.eips} <= set(registry.accounts[a.account_id].cidrs)
     assert set(registry.accounts[a.account_id].vpc_endpoints) == set(a.vpc_endpoints)
@@ -259,7 +240,7 @@ def test_write_registry_is_atomic(tmp_path: Path) -> None:
     os.chmod(output, 0o640)
     registry = write_registry(output, {"accounts": {"111122223333": {"cidrs": ["52.1.2.3/32"]}}})
     assert registry.has_inventory("111122223333")
-    assert load_written(output).accounts["111122223333"].cidrs == ("52.1.2.3/32",)
+    assert load_registry(output).accounts["111122223333"].cidrs == ("52.1.2.3/32",)
     assert output.stat().st_mode & 0o777 == 0o640
     assert os.listdir(tmp_path) == ["registry.json"]
 
@@ -370,7 +351,7 @@ def test_sync_writes_instances_and_endpoint_vpcs(inventory_world: tuple[MotoServ
     assert [i["private"] for i in data["accounts"][b.account_id]["instances"].values()] == [["10.20.1.10"]]
     assert f"{a.account_id} (member-a): " in result.stderr and ", 2 instances from 1 region(s)" in result.stderr
 
-    registry = load_written(output)
+    registry = load_registry(output)
     assert set(registry.accounts[a.account_id].vpc_endpoints) == set(a.vpc_endpoints)
     assert {f"{ip}/32" for i in a.instances.values() for ip in i["public"]} <= set(registry.accounts[a.account_id].cidrs)
 
@@ -494,7 +475,6 @@ def test_interface_shapes_moto_does_not_serve() -> None:
                                    "public": ["52.1.2.3"], "ipv6": ["2600:1f18:abc::10"], "egress": True}
 
 
-@pytest.mark.skipif(not PARSER_READS_INSTANCES, reason="the detector's registry parser does not read SPEC §12 keys yet")
 def test_cli_overlay_marks_an_egress_instance(inventory_world: tuple[MotoServer, Org], tmp_path: Path) -> None:
     """The operator's path: a TOML overlay, loaded by the detector's parser, hand-marks a proxy."""
     server, org = inventory_world

@@ -117,6 +117,13 @@ async def test_lifecycle_state_survives_sigkill(broker: EmbeddedBroker, tmp_path
         await asyncio.sleep(0.5)
         # nothing of the first run was consumed again: the stop and start came back from the changelog
         assert (await proc.metrics()).get("detector_detect_records_total") == 2
+
+        async def counted() -> bool:  # by type (dashboards, alerts), and both lifecycle entries are held
+            samples = await proc.samples()
+            after_stop = ("detector_findings_total", (("severity", "8"), ("type", "AfterInstanceStopped")))
+            return samples.get(after_stop) == 2 and samples.get(("detector_lifecycle_instances", ())) == 2
+
+        await wait_until(counted, timeout=15)
         assert proc.terminate() == 0
     finally:
         if proc.proc.poll() is None:

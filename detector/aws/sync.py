@@ -30,8 +30,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..core.registry import ACCOUNT_RE, VPCE_RE, Registry
-from .merge import INSTANCE_RE, VPC_RE, address_key, canonical_cidr, merge_registry, normalise_registry
+from ..core.registry import ACCOUNT_RE, INSTANCE_RE, VPC_RE, VPCE_RE, Registry
+from .merge import address_key, canonical_cidr, merge_registry, normalise_registry
 
 DEFAULT_ROLE_NAME = "OrganizationAccountAccessRole"
 DEFAULT_CONCURRENCY = 8

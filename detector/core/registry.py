@@ -268,9 +268,10 @@ def _check_addresses(source: str, key: str, value: Any, v6: bool | None) -> tupl
     return tuple(out)
 
 
-def _check_instances(source: str, base: str, raw: Any, seen: dict[str, str]) -> tuple[Instance, ...]:
-    """``accounts.<id>.instances`` (SPEC §12): instance ID -> {vpc, private, public, ipv6, egress}."""
-    key = f"{base}.instances"
+def _check_instances(source: str, account_id: str, raw: Any, seen: dict[str, str]) -> tuple[Instance, ...]:
+    """``accounts.<id>.instances`` (SPEC §12): instance ID -> {vpc, private, public, ipv6, egress};
+    ``seen``: instance ID -> the account that lists it (an instance belongs to one account)."""
+    key = f"accounts.{account_id}.instances"
     if not isinstance(raw, Mapping):
         raise _fail(source, key, "must be an object/table keyed by instance ID")
     out = []
@@ -278,9 +279,8 @@ def _check_instances(source: str, base: str, raw: Any, seen: dict[str, str]) -> 
         ikey = f"{key}.{instance_id}"
         if not isinstance(instance_id, str) or not INSTANCE_RE.match(instance_id):
             raise _fail(source, ikey, "instance ID must look like i-0123456789abcdef0")
-        if instance_id in seen and seen[instance_id] != base:
-            raise _fail(source, ikey, f"{instance_id} is already listed under {seen[instance_id]}")
-        seen[instance_id] = base
+        if seen.setdefault(instance_id, account_id) != account_id:
+            raise _fail(source, ikey, f"{instance_id} is already listed under account {seen[instance_id]}")
         if not isinstance(entry, Mapping):
             raise _fail(source, ikey, "must be an object/table")
         _unknown(source, ikey + ".", entry, _INSTANCE_FIELDS)
@@ -358,7 +358,7 @@ def registry_from_mapping(data: Any, source: str = "<registry>") -> Registry:
             seen_endpoints[e] = account_id
             endpoints.append(e)
             endpoint_vpcs.append((e, vpc))
-        instances = _check_instances(source, base, raw.get("instances", {}), seen_instances)
+        instances = _check_instances(source, account_id, raw.get("instances", {}), seen_instances)
         accounts[account_id] = Account(
             account_id=account_id,
             name=_check_str(source, f"{base}.name", raw.get("name", "")),

@@ -20,19 +20,18 @@ from urllib.parse import unquote_plus
 
 import orjson
 
+from ..core.engine import record_instances
+from ..core.records import STATE_CHANGE
+
 # Reasons (the `reason` label of detector_ingest_failures_total).
 INVALID_JSON = "invalid_json"  # the body (or an SNS Message) is not JSON
 UNKNOWN_SHAPE = "unknown_shape"  # JSON, but neither an EventBridge event nor an S3 / CloudTrail notification
 BAD_GZIP = "bad_gzip"  # an object starting like gzip that does not decompress
 NOT_CLOUDTRAIL = "not_cloudtrail"  # an object that is not a CloudTrail log file ({"Records": [...]})
 
-INSTANCE_ID = re.compile(r"i-(?:[0-9a-f]{17}|[0-9a-f]{8})")
-_SESSION_ARN = re.compile(r"arn:[^:]+:sts::\d{12}:assumed-role/([^/]+)/(i-(?:[0-9a-f]{17}|[0-9a-f]{8}))")
 _LOG_FILE_HEAD = re.compile(rb"\s*\{\s*\"Records\"\s*:\s*\[")
 _HEAD_BYTES = 64  # enough to see `{"Records":[` behind some whitespace
 _GZIP_MAGIC = b"\x1f\x8b"
-EC2_STATE_CHANGE = "EC2 Instance State-change Notification"
-_LIFECYCLE_EVENTS = frozenset({"StopInstances", "StartInstances", "TerminateInstances"})
 
 
 class BodyError(ValueError):
@@ -151,65 +150,26 @@ def _s3_notification(records: Any) -> list[S3Object]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _get(value: Any, *path: str) -> Any:
-    for name in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(name)
-    return value
-
-
-def _item_ids(items_holder: Any) -> list[str]:
-    items = _get(items_holder, "instancesSet", "items")
-    if not isinstance(items, list):
-        return []
-    return [i["instanceId"] for i in items if isinstance(i, dict) and isinstance(i.get("instanceId"), str)]
-
-
-def _instance(candidates: list[Any]) -> str | None:
-    for value in candidates:
-        if isinstance(value, str) and INSTANCE_ID.fullmatch(value):
-            return value
-    return None
-
-
 def record_key(record: Any) -> str | None:
-    """The instance ID a CloudTrail record is about (SPEC §10), or None.
+    """The instance ID a CloudTrail record (or an EC2 state-change event) is about (SPEC §10), or None.
 
-    - a session of an instance role (any role, ``aws:ec2-instance`` included; other ``aws:`` roles are
-      AWS's own): the session name;
-    - EC2's credential issuance (``AssumeRole`` invoked by ``ec2.amazonaws.com``): ``roleSessionName``;
-    - ``StopInstances`` / ``StartInstances`` / ``TerminateInstances``: the first instance of
-      ``responseElements`` (else ``requestParameters``); ``BidEvictedEvent``: the first of
-      ``serviceEventDetails.instanceIdSet``; ``AssociateAddress``: ``requestParameters.instanceId``.
-
-    A record naming several instances is keyed by the first: the detector fans it out itself.
+    The first of :func:`detector.core.engine.record_instances`, the one definition the service
+    repartitions by: the instance of an instance-credential session (any role, ``aws:ec2-instance``
+    included; other ``aws:`` roles are AWS's own), the instance EC2's ``AssumeRole`` issues credentials
+    for, else the first instance of a lifecycle or address signal (§11, §13; a failed or DryRun call is
+    none). A record naming several instances is keyed by the first: the detector fans it out itself.
     """
     if not isinstance(record, dict):
         return None
-    arn = _get(record, "userIdentity", "arn")
-    if isinstance(arn, str):
-        m = _SESSION_ARN.fullmatch(arn)
-        if m is not None and (not m.group(1).startswith("aws:") or m.group(1) == "aws:ec2-instance"):
-            return m.group(2)
-    name = record.get("eventName")
-    if name == "AssumeRole" and _get(record, "userIdentity", "invokedBy") == "ec2.amazonaws.com":
-        return _instance([_get(record, "requestParameters", "roleSessionName")])
-    if name in _LIFECYCLE_EVENTS:
-        return _instance(_item_ids(record.get("responseElements")) or _item_ids(record.get("requestParameters")))
-    if name == "BidEvictedEvent":
-        ids = _get(record, "serviceEventDetails", "instanceIdSet")
-        return _instance(ids if isinstance(ids, list) else [])
-    if name == "AssociateAddress":
-        return _instance([_get(record, "requestParameters", "instanceId")])
-    return None
+    instances = record_instances(record)
+    return instances[0] if instances else None
 
 
 def event_key(event: dict[str, Any]) -> str | None:
     """The instance ID of an EventBridge event: ``detail.instance-id`` of an EC2 state-change notification,
     else that of its CloudTrail ``detail``."""
-    if event.get("detail-type") == EC2_STATE_CHANGE:
-        return _instance([_get(event, "detail", "instance-id")])
+    if event.get("detail-type") == STATE_CHANGE:
+        return record_key(event)
     return record_key(event.get("detail"))
 
 

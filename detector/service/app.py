@@ -49,7 +49,7 @@ from ..registry import RegistryError, load_registry
 from .http import HttpServer
 from .kafka_config import access_problem, consumer_kwargs, kafka_common_kwargs, producer_kwargs, transactions_enabled
 from .logging import record_context
-from .metrics import Metrics
+from .metrics import Metrics, type_label
 from .publisher import FindingPublisher
 from .settings import Settings
 
@@ -574,7 +574,7 @@ class DetectStage(Stage):
                 for change in changes:
                     if change.new:
                         group = change.group
-                        m.findings.labels(group.type.rsplit(".", 1)[-1], str(group.severity)).inc()
+                        m.findings.labels(type_label(group.type), str(group.severity)).inc()
                     observe(change, tp, msg.offset, now)
             last = entries[-1][2].offset
             offset_header = [(changelog.OFFSET_HEADER, str(last).encode())]
@@ -720,6 +720,7 @@ class DetectStage(Stage):
         m = self.service.metrics
         m.sessions.set(sum(len(s.sessions) for s in self.states.values()))
         m.findings_open.set(sum(len(s.groups) for s in self.states.values()))
+        m.lifecycle_instances.set(sum(len(s.lifecycle) for s in self.states.values()))
 
 
 async def restore_partition(

@@ -11,6 +11,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import generate_latest
 
 from .. import __version__
+from ..core.engine import AFTER_STOP, HIGH, IMDSV1, INSIDE_AWS, LOW, MEDIUM, OTHER_INSTANCE, OUTSIDE_AWS
+
+# Every finding type and severity the engine opens (SPEC §5, §11-§13).
+FINDING_KINDS = (
+    (INSIDE_AWS, MEDIUM),
+    (INSIDE_AWS, HIGH),
+    (OUTSIDE_AWS, HIGH),
+    (AFTER_STOP, HIGH),
+    (OTHER_INSTANCE, HIGH),
+    (IMDSV1, LOW),
+)
+
+
+def type_label(finding_type: str) -> str:
+    """The ``type`` label of a finding type: its last name (``OutsideAWS``, ``AfterInstanceStopped``,
+    ``InstanceCredentialsDeliveredByIMDSv1``), short enough for a legend and still unambiguous."""
+    return finding_type.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
 
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 PROCESSING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -35,6 +52,11 @@ class Metrics:
             "detector_findings_total", "Finding groups opened, by type and severity.", ["type", "severity"], registry=r
         )
         self.sessions = Gauge("detector_sessions", "Entries in the session index.", registry=r)
+        self.lifecycle_instances = Gauge(
+            "detector_lifecycle_instances",
+            "Instances with a lifecycle entry (SPEC §11 stop and start times) in the index.",
+            registry=r,
+        )
         self.event_lag = Histogram(
             "detector_event_lag_seconds",
             "Finding publish time minus the eventTime of the record that caused it.",
@@ -115,8 +137,8 @@ class Metrics:
         )
 
         # Labelled series exist from the start at zero, so increase() sees their first event.
-        for finding_type, severity in (("InsideAWS", "5"), ("InsideAWS", "8"), ("OutsideAWS", "8")):
-            self.findings.labels(finding_type, severity)
+        for finding_type, severity in FINDING_KINDS:
+            self.findings.labels(type_label(finding_type), str(severity))
         for result in ("success", "failure"):
             self.registry_reloads.labels(result)
             self.registry_syncs.labels(result)
