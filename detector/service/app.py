@@ -50,6 +50,7 @@ from .http import HttpServer
 from .kafka_config import access_problem, consumer_kwargs, kafka_common_kwargs, producer_kwargs, transactions_enabled
 from .logging import record_context
 from .metrics import Metrics
+from .partitioning import KeyPartitions
 from .publisher import FindingPublisher
 from .settings import Settings
 
@@ -363,6 +364,9 @@ class RouteStage(Stage):
         super().__init__(service, service.settings.group_id)
         self.records_read = 0
         self.records_routed = 0
+        # the sessions topic's partition of each key, as the default partitioner computes it (start-up sets
+        # the topic's real count)
+        self.partition_of = KeyPartitions(service.settings.state_partitions)
 
     def subscribe(self, consumer: AIOKafkaConsumer, listener: ConsumerRebalanceListener) -> None:
         kind, value = self.service.settings.input_subscription
@@ -377,6 +381,7 @@ class RouteStage(Stage):
         sessions_topic = self.service.settings.sessions_topic_name
         outbox = self.outbox
         dumps = orjson.dumps
+        partition_of = self.partition_of
         read = routed = kept = 0  # routed: copies on the sessions topic; kept: records they came from
         runs = []
         for tp, messages in batch.items():
@@ -410,10 +415,12 @@ class RouteStage(Stage):
                     headers = source_headers(msg)
                 value = dumps(record)
                 if len(keys) == 1:
-                    outbox.append((sessions_topic, value, keys[0].encode(), headers, None))
+                    key = keys[0].encode()
+                    outbox.append((sessions_topic, value, key, headers, partition_of(key)))
                 else:  # one copy per instance, each applied only for its instance (Engine.apply's ``only``)
-                    for key in keys:
-                        outbox.append((sessions_topic, value, key.encode(), [*headers, (ROUTED_INSTANCE, key.encode())], None))
+                    for name in keys:
+                        key = name.encode()
+                        outbox.append((sessions_topic, value, key, [*headers, (ROUTED_INSTANCE, key)], partition_of(key)))
                 routed += len(keys)
                 kept += 1
             if decoded.malformed:
@@ -989,6 +996,8 @@ class DetectorService:
                     "be restored into the wrong partitions; recreate the changelog with the sessions topic's count"
                 )
             self.detect.partitions_total = sessions
+            if self.route.partition_of.partitions != sessions:
+                self.route.partition_of = KeyPartitions(sessions)
             if s.input_topics.startswith("^"):
                 inputs = sorted(name for name in existing if re.match(s.input_topics, name))  # as subscribe(pattern=)
             else:
