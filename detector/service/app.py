@@ -50,6 +50,7 @@ from .http import HttpServer
 from .kafka_config import access_problem, consumer_kwargs, kafka_common_kwargs, producer_kwargs, transactions_enabled
 from .logging import record_context
 from .metrics import Metrics, type_label
+from .partitioning import KeyPartitions
 from .publisher import FindingPublisher
 from .settings import Settings
 
@@ -227,11 +228,10 @@ class Stage(ABC):
             assert producer is not None
             try:
                 async with service.transaction_lock, producer.transaction():
-                    futures = [
-                        await producer.send(topic, value=value, key=key, headers=headers, partition=partition)
-                        for topic, value, key, headers, partition in outbox
-                    ]
-                    await asyncio.gather(*futures)
+                    for _, sent in await send_outputs(producer, outbox, True, service.settings.max_message_bytes):
+                        if isinstance(sent, BaseException):
+                            raise sent
+                        await sent
                     if offsets:
                         await producer.send_offsets_to_transaction(offsets, self.group_id)
                 break
@@ -363,6 +363,9 @@ class RouteStage(Stage):
         super().__init__(service, service.settings.group_id)
         self.records_read = 0
         self.records_routed = 0
+        # the sessions topic's partition of each key, as the default partitioner computes it (start-up sets
+        # the topic's real count)
+        self.partition_of = KeyPartitions(service.settings.state_partitions)
 
     def subscribe(self, consumer: AIOKafkaConsumer, listener: ConsumerRebalanceListener) -> None:
         kind, value = self.service.settings.input_subscription
@@ -377,6 +380,7 @@ class RouteStage(Stage):
         sessions_topic = self.service.settings.sessions_topic_name
         outbox = self.outbox
         dumps = orjson.dumps
+        partition_of = self.partition_of
         read = routed = kept = 0  # routed: copies on the sessions topic; kept: records they came from
         runs = []
         for tp, messages in batch.items():
@@ -410,10 +414,12 @@ class RouteStage(Stage):
                     headers = source_headers(msg)
                 value = dumps(record)
                 if len(keys) == 1:
-                    outbox.append((sessions_topic, value, keys[0].encode(), headers, None))
+                    key = keys[0].encode()
+                    outbox.append((sessions_topic, value, key, headers, partition_of(key)))
                 else:  # one copy per instance, each applied only for its instance (Engine.apply's ``only``)
-                    for key in keys:
-                        outbox.append((sessions_topic, value, key.encode(), [*headers, (ROUTED_INSTANCE, key.encode())], None))
+                    for name in keys:
+                        key = name.encode()
+                        outbox.append((sessions_topic, value, key, [*headers, (ROUTED_INSTANCE, key)], partition_of(key)))
                 routed += len(keys)
                 kept += 1
             if decoded.malformed:
@@ -773,6 +779,49 @@ async def restore_partition(
     return restored, skipped
 
 
+async def send_outputs(
+    producer: AIOKafkaProducer, outputs: list[Output], batched: bool, max_bytes: int
+) -> list[tuple[list[Output], Any]]:
+    """Queue ``outputs`` on ``producer``; return each group of outputs with its delivery future, or with the
+    :class:`KafkaError` raised queueing it.
+
+    ``batched``: the outputs with a partition (routed and changelog records) go as one record batch per
+    run that fills aiokafka's batch size (``create_batch``/``send_batch``): no per-record future, and a
+    batch is delivered or fails as a whole. Partition order is kept. The others, a value over ``max_bytes``
+    (which the producer refuses as before, so it becomes a dead letter), and all of them when not
+    ``batched``, go one by one (``send``).
+    """
+    sent: list[tuple[list[Output], Any]] = []
+    groups: dict[tuple[str, int], list[Output]] = {}
+    for item in outputs:
+        topic, value, key, headers, partition = item
+        if batched and partition is not None and (value is None or len(value) <= max_bytes):
+            groups.setdefault((topic, partition), []).append(item)
+            continue
+        try:
+            sent.append(([item], await producer.send(topic, value=value, key=key, headers=headers, partition=partition)))
+        except KafkaError as exc:
+            sent.append(([item], exc))
+    for (topic, partition), items in groups.items():
+        batch, members = producer.create_batch(), []
+        for item in items:
+            if batch.append(key=item[2], value=item[1], timestamp=None, headers=item[3]) is None:
+                # full (an empty batch takes any one record): send it, start the next with this record
+                sent.append((members, await _send_batch(producer, batch, topic, partition)))
+                batch, members = producer.create_batch(), []
+                batch.append(key=item[2], value=item[1], timestamp=None, headers=item[3])
+            members.append(item)
+        sent.append((members, await _send_batch(producer, batch, topic, partition)))
+    return sent
+
+
+async def _send_batch(producer: AIOKafkaProducer, batch: Any, topic: str, partition: int) -> Any:
+    try:
+        return await producer.send_batch(batch, topic, partition=partition)
+    except KafkaError as exc:
+        return exc
+
+
 async def describe_settled(admin: AIOKafkaAdminClient, topics: list[str], timeout: float = 15.0) -> list[dict[str, Any]]:
     """``describe_topics``, asked again while a topic is not yet in the metadata with its partitions.
 
@@ -990,6 +1039,8 @@ class DetectorService:
                     "be restored into the wrong partitions; recreate the changelog with the sessions topic's count"
                 )
             self.detect.partitions_total = sessions
+            if self.route.partition_of.partitions != sessions:
+                self.route.partition_of = KeyPartitions(sessions)
             if s.input_topics.startswith("^"):
                 inputs = sorted(name for name in existing if re.match(s.input_topics, name))  # as subscribe(pattern=)
             else:
@@ -1047,30 +1098,29 @@ class DetectorService:
         todo = outputs
         delay = 0.2
         deadline: float | None = None
+        batched = True  # the first round in batches; a retry one by one, so each failure is told apart
         while todo:
-            futures: list[Any] = []
-            for topic, value, key, headers, partition in todo:
-                try:
-                    futures.append(
-                        await self.producer.send(topic, value=value, key=key, headers=headers, partition=partition)
-                    )
-                except KafkaError as exc:
-                    futures.append(exc)
             failed = []
-            for item, fut in zip(todo, futures, strict=True):
-                if isinstance(fut, Exception):
-                    failed.append((item, fut))
-                    continue
-                try:
-                    await fut
-                except KafkaError as exc:
-                    failed.append((item, exc))
+            alone: set[int] = set()  # failures of a record sent on its own (a batch's are retried one by one)
+            for items, sent in await send_outputs(self.producer, todo, batched, self.settings.max_message_bytes):
+                error = sent if isinstance(sent, KafkaError) else None
+                if error is None:
+                    try:
+                        await sent
+                        continue
+                    except KafkaError as exc:
+                        error = exc
+                if len(items) == 1:
+                    alone.add(len(failed))
+                failed.extend((item, error) for item in items)
+            batched = False
             if not failed:
                 return
-            fatal = [(item, exc) for item, exc in failed if not getattr(exc, "retriable", True)]
+            fatal = {n for n in alone if not getattr(failed[n][1], "retriable", True)}
             if fatal:
-                failed = [(item, exc) for item, exc in failed if getattr(exc, "retriable", True)]
-                failed += [(self._undeliverable(item, exc), exc) for item, exc in fatal]
+                failed = [pair for n, pair in enumerate(failed) if n not in fatal] + [
+                    (self._undeliverable(*failed[n]), failed[n][1]) for n in sorted(fatal)
+                ]
             todo = [item for item, _ in failed]
             log.warning("produce_failed", pending=len(todo), error=f"{type(failed[0][1]).__name__}: {failed[0][1]}")
             if self.stopping.is_set():
