@@ -11,12 +11,15 @@ drops only when its session times out (10 s), before the successor gets the part
 
 from __future__ import annotations
 
+import os
+import signal
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from kafka_support import (  # noqa: F401 - fixtures
     DetectorProcess,
     broker,
@@ -58,6 +61,8 @@ async def test_three_sigkills_with_transactions_exact_counts_and_no_aborted_stat
         return sorted(finding_key(f) for f in latest_findings(seen).values())
 
     proc = DetectorProcess(s, log, env)
+    watch = _OpenTransactions(broker.bootstrap, [(t, s.state_partitions) for t in (s.sessions_topic_name, s.changelog_topic_name)])
+    await watch.start()
     try:
         for i, chunk in enumerate(chunks):
             await wait_until(proc.ready, timeout=60)
@@ -69,13 +74,14 @@ async def test_three_sigkills_with_transactions_exact_counts_and_no_aborted_stat
                     return (await p.metrics()).get("detector_events_total", 0) > b
 
                 await wait_until(progressed, timeout=60, interval=0.02)
-                proc.kill()
+                await _kill_inside_a_transaction(proc, watch)
                 proc = DetectorProcess(s, log, env)
         # the final state, through committed transactions only
         await wait_until(lambda: _equal(committed_view(), want), timeout=90, interval=0.5)
         assert proc.terminate() == 0
     finally:
         proc.ensure_stopped()
+        await watch.stop()
     assert await committed_view() == want  # exact counts, nothing extra, after an orderly stop too
 
     output = log.read_text()
@@ -88,9 +94,10 @@ async def test_three_sigkills_with_transactions_exact_counts_and_no_aborted_stat
         written = {(m.partition, m.offset) for m in everything}
         assert shown <= written, topic
         aborted += len(written - shown)
-    # the kills hit open transactions (else this test would prove nothing about them): their records are
-    # in the log, and a read_committed reader never saw them (the exact counts above, the order below)
-    assert aborted > 0, "no SIGKILL landed inside a transaction"
+    # the kills hit open transactions (each was frozen with records of an open transaction in the log):
+    # those records are there, and a read_committed reader never saw them (the exact counts above, the
+    # order below)
+    assert aborted > 0, "no record of an aborted transaction in the log"
     # per finding, the committed states only ever grow: no replay after a kill published an older count
     counts: dict[str, list[int]] = defaultdict(list)
     for msg in sorted(
@@ -105,3 +112,44 @@ async def test_three_sigkills_with_transactions_exact_counts_and_no_aborted_stat
 
 async def _equal(view: Any, want: list[tuple[Any, ...]]) -> bool:
     return await view == want
+
+
+class _OpenTransactions:
+    """Whether a transaction has written records it has not committed yet: on some partition of the
+    watched topics the high watermark (what a read_uncommitted reader may read up to) is past the last
+    stable offset (what a read_committed reader may read up to)."""
+
+    def __init__(self, bootstrap: str, topics: list[tuple[str, int]]) -> None:
+        self.partitions = [TopicPartition(t, p) for t, n in topics for p in range(n)]
+        self.committed = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+        self.uncommitted = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+
+    async def start(self) -> None:
+        await self.committed.start()
+        await self.uncommitted.start()
+
+    async def stop(self) -> None:
+        await self.committed.stop()
+        await self.uncommitted.stop()
+
+    async def open(self) -> bool:
+        stable = await self.committed.end_offsets(self.partitions)
+        high = await self.uncommitted.end_offsets(self.partitions)
+        return any(high[tp] > stable[tp] for tp in self.partitions)
+
+
+async def _kill_inside_a_transaction(proc: DetectorProcess, watch: _OpenTransactions, timeout: float = 60) -> None:
+    """SIGKILL ``proc`` while one of its transactions is open: freeze it (SIGSTOP), look, and kill it if a
+    transaction of its has written records it has not committed, else let it run a little and look again."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        if await watch.open():
+            proc.kill()
+            return
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"no open transaction of the service seen within {timeout}s")
