@@ -189,7 +189,7 @@ TOFU_RESET_RECORD_KINDS = (
 PART2_FLAG_KINDS = (
     "bare_record",  # a record without eventVersion
     "ec2_instance_role",  # a record of an `aws:ec2-instance` session
-    "aws_role_ignored",  # a record of another `aws:` role (e.g. aws:ec2-infrastructure): ignored
+    "other_aws_role",  # a record of another `aws:` role (e.g. aws:ec2-infrastructure): ignored
     "imdsv1",  # a record delivered by IMDSv1 (counts in its session's Low finding)
 )
 PART2_KINDS = (
@@ -1455,7 +1455,7 @@ class _Gen:
             identity["sessionContext"]["ec2RoleDelivery"] = rng.choice(("1.0", "2.0"))
             record = self.base_record(when, identity, sess.home.account_id, sess.region)
             record["sourceIPAddress"] = self.addr.outside_v4() if n % 3 else self.addr.aws_v4()
-            self.add(Event(at=when + 0.25, seq=0, kind="aws_role_ignored", record=record))
+            self.add(Event(at=when + 0.25, seq=0, kind="other_aws_role", record=record))
 
     def plan_unknown_state_changes(self) -> None:
         for _ in range(self.min_per_kind):
