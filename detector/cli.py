@@ -26,10 +26,19 @@ def cli() -> None:
     help="Processes per large plain JSON Lines file: 2 decodes and sorts lines in a second process while this one "
     "applies them (same results). Default: 2 when this process may use two CPUs or more, else 1.",
 )  # fmt: skip
+@click.option(
+    "--stop-grace-seconds", type=click.FloatRange(min=0), default=600.0, show_default=True,
+    envvar="DETECTOR_STOP_GRACE_SECONDS",
+    help="SPEC §11: use of an instance's credentials later than this after it stopped is a finding.",
+)  # fmt: skip
+@click.option(
+    "--imdsv1-findings/--no-imdsv1-findings", default=True, show_default=True, envvar="DETECTOR_IMDSV1_FINDINGS",
+    help="SPEC §13: a Low finding for credentials delivered by IMDSv1.",
+)  # fmt: skip
 @click.argument("inputs", nargs=-1, required=True)
 def replay(
     registry_path: str | None, ip_ranges: str | None, output: str, session_ttl: float, max_sessions: int,
-    jobs: int | None, inputs: tuple[str, ...],
+    jobs: int | None, stop_grace_seconds: float, imdsv1_findings: bool, inputs: tuple[str, ...],
 ) -> None:  # fmt: skip
     """Replay CloudTrail INPUTS (files, directories, .gz, '-' for stdin) and print the final findings."""
     import orjson
@@ -43,7 +52,7 @@ def replay(
     try:
         registry = load_registry(registry_path)
         ranges, _ = load(ip_ranges)
-        engine = Engine(registry, ranges)
+        engine = Engine(registry, ranges, stop_grace_seconds=stop_grace_seconds, imdsv1_findings=imdsv1_findings)
         state = DetectorState(EngineConfig(session_ttl_seconds=session_ttl, max_sessions=max_sessions))
         replayer = Replayer(engine, state, jobs=default_jobs() if jobs is None else jobs)
         summary = replayer.run(list(inputs))

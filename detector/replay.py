@@ -32,7 +32,9 @@ import orjson
 from .core.engine import Engine, MalformedRecord
 from .core.findings import render
 from .core.prefilter import may_matter
-from .core.records import _FAST_ERRORS, CLOUDTRAIL_DETAIL_TYPES, SKIPPED, Decoded, FastDecoder, FastRecord, classify, decode, fast_ok
+from .core.records import (
+    _FAST_ERRORS, KEEP_NAMES, SKIPPED, Decoded, FastDecoder, FastRecord, classify, decode, detail_of, fast_ok,
+)  # fmt: skip
 from .core.state import DetectorState, FindingGroup
 
 INPUT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -149,8 +151,9 @@ def scan_lines(
     """Read JSON Lines in blocks of ``BLOCK`` bytes, cut them at newlines and sort every line.
 
     Each line is decoded by ``fast`` (its EventBridge shape inlined). A line that is another
-    EventBridge event, or a CloudTrail record that cannot matter (not ``AssumeRole``, and no
-    ``AssumedRole`` ARN containing ``/i-``: :meth:`Engine.apply_fast` would only count it), is only
+    EventBridge event, or a CloudTrail record that cannot matter (not ``AssumeRole`` nor a lifecycle
+    signal's eventName, and no ``AssumedRole`` ARN containing ``/i-``: :meth:`Engine.apply_fast`
+    would only count it), is only
     counted: ``tally(skipped, counted)`` once per block. Every other line goes to
     ``take(line, result, start, end)`` in input order, with the decoder's result (a record,
     ``SKIPPED``, or ``None`` when the line needs the reference decode) and its offsets in the input.
@@ -197,16 +200,16 @@ def scan_lines(
                 except _FAST_ERRORS:
                     result = as_record(line, True)
                 else:
-                    if env.detail_type not in CLOUDTRAIL_DETAIL_TYPES:
+                    result = detail_of(env)
+                    if result is SKIPPED:
                         skipped += 1
                         continue
-                    result = env.detail
             else:
                 result = decode_line(line)
                 if result is SKIPPED:
                     skipped += 1
                     continue
-            if result is not None and result.eventName != "AssumeRole":
+            if result is not None and not (type(name := result.eventName) is str and name in KEEP_NAMES):
                 identity = result.userIdentity
                 if identity.type != "AssumedRole" or type(identity.arn) is not str or "/i-" not in identity.arn:
                     counted += 1

@@ -1,7 +1,7 @@
 """State as a changelog: the encoding of state changes and their replay (issue 4). Pure, no I/O.
 
-Each changed session entry or finding group becomes one record keyed ``s:<session key>`` or
-``g:<finding id>``; an entry removed by TTL or LRU becomes a tombstone (value ``None``). Every record
+Each changed session entry, finding group or instance lifecycle entry (SPEC §11) becomes one record
+keyed ``s:<session key>``, ``g:<finding id>`` or ``l:<instance id>``; an entry removed by TTL or LRU becomes a tombstone (value ``None``). Every record
 carries the input offset (of the partition it belongs to) whose processing produced it, so a restore can
 skip changes made by input that was never committed — that input is consumed again and remakes them.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from .state import DetectorState, FindingGroup, Session
+from .state import LIFECYCLE_PREFIX, DetectorState, FindingGroup, Session, instance_bits, lifecycle_newest
 
 SESSION_PREFIX = "s:"
 GROUP_PREFIX = "g:"
@@ -25,7 +25,13 @@ def drain(state: DetectorState) -> list[tuple[bytes, bytes | None]]:
     out: list[tuple[bytes, bytes | None]] = []
     sessions = state.sessions
     groups = state.groups
+    lifecycle = state.lifecycle
     for key in changed:
+        if key.startswith(LIFECYCLE_PREFIX):
+            entry = lifecycle.get(instance_bits(key[2:]))  # type: ignore[arg-type]
+            if entry is not None:
+                out.append((key.encode(), orjson.dumps(entry)))
+            continue
         if key.startswith(GROUP_PREFIX):
             group = groups.get(key[2:])
             if group is not None:
@@ -35,7 +41,7 @@ def drain(state: DetectorState) -> list[tuple[bytes, bytes | None]]:
         if session is not None:
             out.append(((SESSION_PREFIX + key).encode(), orjson.dumps(session.to_data())))
     for key in removed:
-        name = key if key.startswith(GROUP_PREFIX) else SESSION_PREFIX + key
+        name = key if key.startswith((GROUP_PREFIX, LIFECYCLE_PREFIX)) else SESSION_PREFIX + key
         out.append((name.encode(), None))
     return out
 
@@ -51,8 +57,21 @@ def apply_record(state: DetectorState, key: bytes, value: bytes | None) -> None:
         group = FindingGroup.from_data(orjson.loads(value))
         state.groups[gid] = group
         return
+    if name.startswith(LIFECYCLE_PREFIX):
+        bits = instance_bits(name[2:])
+        if bits is None:
+            raise ValueError(f"changelog key {name[:80]!r} does not name an instance")
+        if value is None:
+            state.lifecycle.pop(bits, None)
+            return
+        entry = orjson.loads(value)
+        if not isinstance(entry, list) or len(entry) != 6:
+            raise ValueError(f"changelog record {name[:80]!r} is not a lifecycle entry")
+        state.lifecycle[bits] = entry
+        state.advance(lifecycle_newest(entry))
+        return
     if not name.startswith(SESSION_PREFIX):
-        raise ValueError(f"changelog key {name[:80]!r} is neither a session nor a finding group")
+        raise ValueError(f"changelog key {name[:80]!r} is neither a session, a finding group nor a lifecycle entry")
     session_key = name[2:]
     sessions = state.sessions
     if value is None:

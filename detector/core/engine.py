@@ -14,8 +14,20 @@ from typing import Any
 
 from .addresses import V4, AddressIndex, format_address, is_global, parse_address
 from .registry import _ALL as _ALL_HOMES
+from .records import SIGNAL_NAMES, STATE_CHANGE, _project
 from .registry import EMPTY_REGISTRY, Registry
 from .state import (
+    _INSTANCE_KEY_MASK,
+    L_LAST,
+    L_PREV,
+    L_PREV_STATE,
+    L_START,
+    L_STATE,
+    L_STOP,
+    STOPPED,
+    TERMINATED,
+    instance_bits,
+    instance_text,
     MAX_EVENT_IDS,
     MAX_REMOTE_ADDRESSES,
     DetectorState,
@@ -35,9 +47,23 @@ from .state import (
 
 INSIDE_AWS = "UnauthorizedAccess:IAMUser/InstanceCredentialExfiltration.InsideAWS"
 OUTSIDE_AWS = "UnauthorizedAccess:IAMUser/InstanceCredentialExfiltration.OutsideAWS"
+AFTER_STOP = "UnauthorizedAccess:IAMUser/InstanceCredentialExfiltration.AfterInstanceStopped"  # SPEC §11
+OTHER_INSTANCE = "UnauthorizedAccess:IAMUser/InstanceCredentialExfiltration.OtherInstance"  # SPEC §12
+IMDSV1 = "Policy:EC2/InstanceCredentialsDeliveredByIMDSv1"  # SPEC §13
 
 HIGH = 8
 MEDIUM = 5
+LOW = 2
+
+DEFAULT_STOP_GRACE_SECONDS = 600.0
+MAX_API_PAIRS = 1024  # distinct eventSource/eventName pairs counted per group; the rest go to OTHER
+MAX_ERROR_CODES = 64
+OTHER = "\x00other"  # the key counting what is beyond those bounds
+
+# SPEC §11: state-change states.
+_STOP_STATES = {"stopping": STOPPED, "stopped": STOPPED, "shutting-down": TERMINATED, "terminated": TERMINATED}
+_START_STATES = frozenset({"pending", "running"})
+_EC2 = "ec2.amazonaws.com"
 
 # Origin kinds (SPEC §4), also the `originKind` evidence field.
 ORIGIN_SERVICE = "AWS_SERVICE"
@@ -49,7 +75,7 @@ ORIGIN_PRIVATE = "PRIVATE_ADDRESS"
 ORIGIN_OUTSIDE = "OUTSIDE_AWS"
 
 _SESSION_ARN = re.compile(
-    r"arn:([a-z][a-z0-9-]*):sts::([0-9]{12}):assumed-role/([\w+=,.@-]{1,128})/(i-(?:[0-9a-f]{17}|[0-9a-f]{8}))"
+    r"arn:([a-z][a-z0-9-]*):sts::([0-9]{12}):assumed-role/([\w+=,.@-]{1,128}|aws:ec2-instance)/(i-(?:[0-9a-f]{17}|[0-9a-f]{8}))"
 )
 _ROLE_ARN = re.compile(r"arn:([a-z][a-z0-9-]*):iam::([0-9]{12}):role/(?:[\w+=,.@/-]*/)?([\w+=,.@-]{1,128})")
 _INSTANCE_ID = re.compile(r"i-(?:[0-9a-f]{17}|[0-9a-f]{8})")
@@ -174,9 +200,84 @@ def issuance_key(instance_id: Any, role_arn: Any) -> tuple[str, int, str, str, s
     return key, pack_key(partition, account, role, instance_id), partition, account, role, instance_id
 
 
-def finding_id(finding_type: str, session_key: str, remote_account: str | None) -> str:
+def finding_id(finding_type: str, session_key: str, remote_account: str | None, other_instance: str | None = None) -> str:
+    """The id of a finding group: (type, session key, remote account) — and for SPEC §12 the other
+    instance J, appended only then, so the ids of every other group stay what they were."""
     material = "\x1f".join((finding_type, session_key, remote_account or ""))
+    if other_instance is not None:
+        material += "\x1f" + other_instance
     return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def _instance_ids(items: Any) -> list[str]:
+    """``instanceId`` of each element of an EC2 ``instancesSet`` (``{"items": [...]}``)."""
+    if isinstance(items, dict):
+        items = items.get("items")
+    if not isinstance(items, list):
+        return []
+    return [item["instanceId"] for item in items if isinstance(item, dict) and isinstance(item.get("instanceId"), str)]
+
+
+def signals(record: dict[str, Any]) -> tuple[str, list[str], str | None]:
+    """The lifecycle and address signals of a record (SPEC §11, §13): ``(kind, instance IDs, state)``;
+    kind ``stop`` (state ``stopped``/``terminated``), ``start`` (resets first-use addresses too),
+    ``reset`` (AssociateAddress), or ``""`` for none. A failed (``errorCode``) or DryRun call is none."""
+    if record.get("detail-type") == STATE_CHANGE:
+        detail = record.get("detail")
+        if not isinstance(detail, dict):
+            return "", [], None
+        state = detail.get("state")
+        instance_id = detail.get("instance-id")
+        if not isinstance(instance_id, str):
+            return "", [], None
+        if state in _STOP_STATES:
+            return "stop", [instance_id], _STOP_STATES[state]
+        if state in _START_STATES:
+            return "start", [instance_id], None
+        return "", [], None
+    name = record.get("eventName")
+    if not isinstance(name, str) or name not in SIGNAL_NAMES or record.get("errorCode"):
+        return "", [], None
+    params = record.get("requestParameters")
+    if not isinstance(params, dict):
+        params = {}
+    if params.get("dryRun") is True:
+        return "", [], None
+    if name == "BidEvictedEvent":
+        details = record.get("serviceEventDetails")
+        ids = details.get("instanceIdSet") if isinstance(details, dict) else None
+        if not isinstance(ids, list):
+            return "", [], None
+        return "stop", [i for i in ids if isinstance(i, str)], TERMINATED
+    if record.get("eventSource") != _EC2:
+        return "", [], None
+    if name == "AssociateAddress":
+        instance_id = params.get("instanceId")
+        return ("reset", [instance_id], None) if isinstance(instance_id, str) else ("", [], None)
+    response = record.get("responseElements")
+    ids = _instance_ids(response.get("instancesSet")) if isinstance(response, dict) else []
+    if not ids:
+        ids = _instance_ids(params.get("instancesSet"))
+    if name == "StartInstances":
+        return "start", ids, None
+    return "stop", ids, TERMINATED if name == "TerminateInstances" else STOPPED
+
+
+def record_instances(record: dict[str, Any]) -> list[str]:
+    """Every instance a record concerns (SPEC §10: its partitioning keys): the instance of its session,
+    the instance an issuance record issues credentials for, and the instances of its signals."""
+    out: list[str] = []
+    parts = session_parts(record)
+    if parts is not None:
+        out.append(parts[4])
+    else:
+        issued = issuance_parts(record)
+        if issued is not None:
+            out.append(issued[4])
+    kind, ids, _ = signals(record)
+    if kind:
+        out.extend(i for i in ids if i not in out and instance_bits(i) is not None)
+    return out
 
 
 @dataclass(slots=True)
@@ -209,8 +310,17 @@ class Engine:
     computing everything afresh for every record.
     """
 
-    def __init__(self, registry: Registry = EMPTY_REGISTRY, aws_ranges: AddressIndex[Any] | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry = EMPTY_REGISTRY,
+        aws_ranges: AddressIndex[Any] | None = None,
+        stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS,
+        imdsv1_findings: bool = True,
+    ) -> None:
         self.counters = Counters()
+        self.stop_grace_seconds = stop_grace_seconds
+        self.imdsv1_findings = imdsv1_findings
+        self._instances = registry.has_instances  # SPEC §12 needs an inventory
         self._arns: dict[str, tuple[int, str, str, str, str] | None] = {}
         self._times: dict[str, float] = {}
         self._addresses: dict[str, tuple[int, int, str | None]] = {}
@@ -235,6 +345,7 @@ class Engine:
     @registry.setter
     def registry(self, registry: Registry) -> None:
         self._registry = registry
+        self._instances = registry.has_instances
         self._classes.clear()
         self._origins.clear()
 
@@ -355,37 +466,74 @@ class Engine:
 
     # --- SPEC §3, §5 -------------------------------------------------------------------------------
 
-    def apply(self, state: DetectorState, record: Any) -> list[FindingChange]:
+    def apply(self, state: DetectorState, record: Any, only: str | None = None) -> list[FindingChange]:
         """Apply one CloudTrail record to ``state``; return the finding groups it opened or changed.
 
-        ``record`` is a parsed CloudTrail record (a dict), or a record decoded by
-        :mod:`detector.core.records`' fast path. Raises :class:`MalformedRecord` for an
-        instance-credential record that cannot be decided.
+        ``record`` is a parsed CloudTrail record (a dict), a state-change record
+        (:func:`detector.core.records.classify`), or a record decoded by :mod:`detector.core.records`'
+        fast path. ``only`` (an instance ID) limits the record's effect to what concerns that instance:
+        the service applies one routed copy per instance (SPEC §10). Raises :class:`MalformedRecord` for
+        an instance-credential record that cannot be decided.
         """
         if not isinstance(record, dict):
-            return self.apply_fast(state, record)
+            if only is None:
+                return self.apply_fast(state, record)
+            record = _project(record)
         self.counters.records += 1
+        if record.get("detail-type") == STATE_CHANGE:
+            self._signals(state, record, only)
+            return []
         identity = record.get("userIdentity")
         if not isinstance(identity, dict):
             return []
+        changes: list[FindingChange] = []
         if identity.get("type") == "AssumedRole":
             arn = identity.get("arn")
             parsed = self._session_arn(arn, state) if isinstance(arn, str) else None
-            if parsed is not None:
+            if parsed is not None and (only is None or only == parsed[4]):
                 context = identity.get("sessionContext")
                 delivery = context.get("ec2RoleDelivery") if isinstance(context, dict) else None
-                return self._session_record(
+                changes = self._session_record(
                     state, arn, parsed, record, identity,
                     record.get("eventTime"), record.get("sourceIPAddress"), identity.get("invokedBy"),
                     record.get("vpcEndpointId"), record.get("vpcEndpointAccountId"),
                     identity.get("accessKeyId"), delivery,
                 )  # fmt: skip
-        if record.get("eventName") == "AssumeRole" and identity.get("invokedBy") == "ec2.amazonaws.com":
+        name = record.get("eventName")
+        if name == "AssumeRole" and identity.get("invokedBy") == "ec2.amazonaws.com":
             issued = issuance_parts(record)
-            if issued is not None:
+            if issued is not None and (only is None or only == issued[4]):
                 key, partition, account, role, instance_id, access_key = issued
                 self._enrich(state, record.get("eventTime"), key, pack_key(partition, account, role, instance_id), access_key)
-        return []
+        elif isinstance(name, str) and name in SIGNAL_NAMES:
+            self._signals(state, record, only)
+        return changes
+
+    def _signals(self, state: DetectorState, record: dict[str, Any], only: str | None) -> None:
+        """Apply a record's lifecycle and address signals (SPEC §11, §13) after its own decision (the
+        resetting record itself is judged against the old baseline)."""
+        kind, ids, instance_state = signals(record)
+        if not kind:
+            return
+        try:
+            ts = self._event_time(record.get("eventTime"))
+        except MalformedRecord:
+            if record.get("detail-type") == STATE_CHANGE:
+                raise  # nothing else in it: a malformed event
+            return  # a signal of a record that is otherwise not ours: best effort
+        state.advance(ts)
+        for instance_id in ids:
+            if only is not None and instance_id != only:
+                continue
+            bits = instance_bits(instance_id)
+            if bits is None:
+                continue
+            if kind == "stop":
+                state.stop_signal(bits, ts, instance_state)  # type: ignore[arg-type]
+                continue
+            if kind == "start":
+                state.start_signal(bits, ts)
+            state.reset_first_use(bits)
 
     def apply_fast(self, state: DetectorState, record: Any) -> list[FindingChange]:
         """:meth:`apply` for a record of the fast decoder (``records.FastRecord``): attributes, not keys.
@@ -398,6 +546,9 @@ class Engine:
         in place. Everything else goes through :meth:`_session_record`'s steps; the outcome is the
         same as :meth:`apply` on the full record.
         """
+        name = record.eventName
+        if type(name) is str and name in SIGNAL_NAMES:  # rare: the reference path, on the fields it reads
+            return self.apply(state, _project(record))
         counters = self.counters
         counters.records += 1
         identity = record.userIdentity
@@ -458,10 +609,12 @@ class Engine:
                 and access_key.isascii()
                 and ix._ak.startswith(access_key.encode("ascii"), s * _AK_LEN, s * _AK_LEN + _AK_LEN)
             ):
-                ix.add_access_key(s, access_key)
+                ix.add_access_key(s, access_key, event_ts)
                 flags = ix._flags[s]
+            elif not event_ts >= ix._akt[s]:  # seen earlier than known (out of order): first seen then
+                ix._akt[s] = event_ts
         elif isinstance(access_key, str):
-            ix.add_access_key(s, access_key)
+            ix.add_access_key(s, access_key, event_ts)
             flags = ix._flags[s]
         context = identity.sessionContext
         delivery = context.ec2RoleDelivery if context is not None else None
@@ -475,21 +628,31 @@ class Engine:
         else:
             delivery = None
         if kind == ORIGIN_SERVICE or kind == ORIGIN_EXPECTED:
-            return []
-        if (
+            changes = []
+        elif (
             kind == ORIGIN_AWS
             and origin[3] == V4
             and flags & F_TOFU4
             and ix._tofu4[s] == origin[4]
             and home not in self._registry.inventoried
         ):
-            return []  # the first-use IPv4 address again (what _decide answers, without its call)
-        if kind == ORIGIN_ENDPOINT:
-            owner = origin[1]
-            ep = ix._ep[s]
-            if ep and (owner is None or owner == home) and _ENDPOINTS.values[ep] == (origin[5], owner):
-                return []  # the session's own endpoint again: _decide's add_endpoint would change nothing
-        return self._conclude(state, s, arn, home, origin, delivery, record, identity, event_ts)
+            changes = []  # the first-use IPv4 address again (what _decide answers, without its call)
+        elif (
+            kind == ORIGIN_ENDPOINT
+            and (ep := ix._ep[s])
+            and (origin[1] is None or origin[1] == home)
+            and _ENDPOINTS.values[ep] == (origin[5], origin[1])
+        ):
+            changes = []  # the session's own endpoint again: _decide's add_endpoint would change nothing
+        else:
+            changes = self._conclude(state, s, arn, home, origin, delivery, record, identity, event_ts)
+        lifecycle = state.lifecycle
+        entry = lifecycle.get(packed & _INSTANCE_KEY_MASK) if lifecycle else None
+        if entry is not None or delivery == "1.0" or self._instances:  # SPEC §11-§13, whatever the origin
+            extra = self._part_two(state, s, arn, packed, home, origin, delivery, record, identity, event_ts, entry)
+            if extra:
+                return changes + extra
+        return changes
 
     def _issuance_fast(self, state: DetectorState, record: Any, identity: Any) -> None:
         """EC2's own ``AssumeRole`` (a ``FastRecord``): enrich the session it issues credentials for."""
@@ -527,12 +690,95 @@ class Engine:
         s = self._enter(state, key, packed, event_ts, origin[0])
         ix = state.sessions
         if isinstance(access_key, str):
-            ix.add_access_key(s, access_key)
+            ix.add_access_key(s, access_key, event_ts)
         if isinstance(delivery, str):
             ix.add_delivery(s, delivery)
         else:
             delivery = None
-        return self._conclude(state, s, key, home, origin, delivery, record, identity, event_ts)
+        changes = self._conclude(state, s, key, home, origin, delivery, record, identity, event_ts)
+        entry = state.lifecycle.get(packed & _INSTANCE_KEY_MASK) if state.lifecycle else None
+        if entry is not None or delivery == "1.0" or self._instances:
+            changes += self._part_two(state, s, key, packed, home, origin, delivery, record, identity, event_ts, entry)
+        return changes
+
+    # --- SPEC §11-§13 ------------------------------------------------------------------------------
+
+    def _part_two(
+        self, state: DetectorState, s: int, key: str, packed: int, home: str, origin: Any, delivery: str | None,
+        record: Any, identity: Any, event_ts: float, entry: list[Any] | None,
+    ) -> list[FindingChange]:  # fmt: skip
+        """The rules decided independently of SPEC §5 for one instance-credential record: IMDSv1 (§13,
+        every origin), use after stop (§11) and from another instance (§12), not for an AWS service."""
+        ix = state.sessions
+        out: list[FindingChange] = []
+        if delivery == "1.0" and self.imdsv1_findings:
+            change = self._record_finding(state, ix, s, key, record, identity, event_ts, origin, delivery, IMDSV1, None, LOW)
+            if change is not None:
+                out.append(change)
+        kind = origin[0]
+        if kind == ORIGIN_SERVICE:
+            return out
+        if entry is not None:
+            evidence = self._after_stop(entry, ix, s, event_ts, identity.get("accessKeyId"))
+            if evidence is not None:
+                change = self._record_finding(
+                    state, ix, s, key, record, identity, event_ts, origin, delivery, AFTER_STOP, None, HIGH,
+                    evidence=evidence,
+                )  # fmt: skip
+                if change is not None:
+                    out.append(change)
+        owner = origin[1]
+        if (
+            self._instances
+            and (kind == ORIGIN_ENDPOINT or kind == ORIGIN_REGISTRY)
+            and origin[3]
+            and owner is not None
+            and (owner == home or self._registry.is_trusted(owner))
+        ):
+            registry = self._registry
+            vpce = origin[5]
+            hit = registry.other_instance((origin[3], origin[4]), vpce, _instance_text(packed))
+            if hit is not None:
+                other, other_account = hit
+                evidence = {"otherInstanceId": other, "otherInstanceAccountId": other_account, "address": origin[2]}
+                if vpce is not None:
+                    evidence["vpcEndpointId"] = vpce
+                    vpc = registry.endpoint_vpc.get(vpce)
+                    if vpc is not None:
+                        evidence["vpc"] = vpc
+                change = self._record_finding(
+                    state, ix, s, key, record, identity, event_ts, origin, delivery, OTHER_INSTANCE, None, HIGH,
+                    other=other, evidence=evidence,
+                )  # fmt: skip
+                if change is not None:
+                    out.append(change)
+        return out
+
+    def _after_stop(
+        self, entry: list[Any], ix: SessionIndex, s: int, t: float, access_key: Any
+    ) -> dict[str, Any] | None:
+        """SPEC §11: the evidence when a record at eventTime ``t`` comes after the instance's stop time T
+        plus the grace, and the instance has not started since T (clause a) or the record's access key
+        was known before T (clause b); else None."""
+        grace = self.stop_grace_seconds
+        first = ix.key_first_seen(s, access_key) if isinstance(access_key, str) else None
+        stop = entry[L_STOP]
+        if stop is not None and t > stop + grace:  # the current life stopped at T; no start since
+            evidence: dict[str, Any] = {"instanceState": entry[L_STATE], "stoppedAt": stop, "clause": "a"}
+        else:
+            prev, start = entry[L_PREV], entry[L_START]
+            if prev is None or not t > prev + grace:
+                return None
+            evidence = {"instanceState": entry[L_PREV_STATE], "stoppedAt": prev, "startedAt": start}
+            if start is not None and start > t:
+                evidence["clause"] = "a"  # the record comes before the instance started again
+            elif first is not None and first <= prev:
+                evidence["clause"] = "b"
+            else:
+                return None
+        if first is not None:
+            evidence["accessKeyFirstSeen"] = first
+        return evidence
 
     def _enter(self, state: DetectorState, key: str, packed: int, event_ts: float, kind: str) -> int:
         """Count an instance record of origin ``kind``, advance stream time, touch its session: the slot."""
@@ -628,7 +874,7 @@ class Engine:
         state.advance(event_ts)
         s = state.touch(key, packed)
         if access_key:
-            state.sessions.add_access_key(s, access_key)
+            state.sessions.add_access_key(s, access_key, event_ts)
 
     def _record_finding(
         self,
@@ -644,8 +890,10 @@ class Engine:
         finding_type: str,
         remote: str | None,
         severity: int,
+        other: str | None = None,
+        evidence: dict[str, Any] | None = None,
     ) -> FindingChange | None:
-        gid = finding_id(finding_type, key, remote)
+        gid = finding_id(finding_type, key, remote, other)
         group = state.groups.get(gid)
         event_id = record.get("eventID")
         new = group is None
@@ -670,6 +918,7 @@ class Engine:
                 created_at=state.stream_time,
                 event_ids=[],
                 version=0,
+                other_instance=other,
             )
             state.groups[gid] = group
             groups = ix.groups(s)
@@ -704,6 +953,35 @@ class Engine:
             group.remote_addresses.append(address)
         if delivery is not None and delivery not in group.deliveries:
             group.deliveries.append(delivery)
+        if evidence is not None:
+            group.evidence = evidence
+        _count_call(group, record)
         group.updated_at = state.stream_time
         state.note_group(group)
         return FindingChange(group, new)
+
+
+def _count_call(group: FindingGroup, record: Any) -> None:
+    """SPEC §13: the group's eventSource/eventName pairs and errorCodes, counted (bounded)."""
+    source, name = record.get("eventSource"), record.get("eventName")
+    source = source if isinstance(source, str) else ""
+    name = name if isinstance(name, str) else ""
+    calls = group.api_calls
+    by_name = calls.get(source)
+    if by_name is None or name not in by_name:
+        if sum(len(v) for v in calls.values()) >= MAX_API_PAIRS:
+            source, name = OTHER, OTHER
+        by_name = calls.setdefault(source, {})
+    by_name[name] = by_name.get(name, 0) + 1
+    code = record.get("errorCode")
+    if code is not None:
+        code = code if isinstance(code, str) else str(code)
+        codes = group.error_codes
+        if code not in codes and len(codes) >= MAX_ERROR_CODES:
+            code = OTHER
+        codes[code] = codes.get(code, 0) + 1
+
+
+def _instance_text(packed: int) -> str:
+    bits = packed & _INSTANCE_KEY_MASK
+    return instance_text(bits)

@@ -6,11 +6,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .addresses import V4, parse_address
-from .engine import INSIDE_AWS, ORIGIN_AWS, ORIGIN_ENDPOINT, ORIGIN_PRIVATE
+from .engine import AFTER_STOP, IMDSV1, INSIDE_AWS, OTHER, OTHER_INSTANCE, ORIGIN_AWS, ORIGIN_ENDPOINT, ORIGIN_PRIVATE
 from .state import FindingGroup
 
 SCHEMA_VERSION = "2.0"
 PRODUCT = "ec2-credential-detector"
+TOP_API_CALLS = 32  # SPEC §13: the most frequent pairs listed; the rest summed in one entry
+_TIME_EVIDENCE = ("stoppedAt", "startedAt", "accessKeyFirstSeen")  # evidence times (seconds) shown as ISO 8601
 
 
 # isoformat, not strftime: "%Y" does not pad years before 1000 to four digits on every platform.
@@ -23,6 +25,10 @@ def iso_millis(ts: float) -> str:
 
 
 def _where(group: FindingGroup) -> str:
+    if group.type != INSIDE_AWS and group.origin not in (ORIGIN_PRIVATE, "OUTSIDE_AWS"):
+        if group.vpce:
+            return f"VPC endpoint {group.vpce}" + (f" (address {group.ip})" if group.ip else "")
+        return f"address {group.ip}" if group.ip else "an AWS service"
     if group.type == INSIDE_AWS:
         if group.remote_account:
             who = f"AWS account {group.remote_account}" + (
@@ -43,16 +49,59 @@ def _where(group: FindingGroup) -> str:
 
 
 def title(group: FindingGroup) -> str:
+    if group.type == AFTER_STOP:
+        return f"Credentials for instance role {group.role} used after their instance stopped."
+    if group.type == OTHER_INSTANCE:
+        return f"Credentials for instance role {group.role} used from another instance."
+    if group.type == IMDSV1:
+        return f"Credentials for instance role {group.role} delivered by IMDSv1."
     if group.type == INSIDE_AWS:
         return f"Credentials for instance role {group.role} used from a different AWS account."
     return f"Credentials for instance role {group.role} used from external IP address."
 
 
 def description(group: FindingGroup) -> str:
+    evidence = group.evidence or {}
+    if group.type == AFTER_STOP:
+        state = evidence.get("instanceState") or "stopped"
+        when = iso_seconds(evidence["stoppedAt"]) if evidence.get("stoppedAt") is not None else "an unknown time"
+        return (
+            f"Credentials created exclusively for EC2 instance {group.instance_id} through instance role "
+            f"{group.role} in account {group.account} have been used from {_where(group)} after the instance "
+            f"was {state} at {when}: the instance cannot use them any more."
+        )
+    if group.type == OTHER_INSTANCE:
+        return (
+            f"Credentials created exclusively for EC2 instance {group.instance_id} through instance role "
+            f"{group.role} in account {group.account} have been used from address {group.ip} of another "
+            f"instance, {group.other_instance} (account {evidence.get('otherInstanceAccountId')})"
+            + (f" through VPC endpoint {group.vpce}." if group.vpce else ".")
+        )
+    if group.type == IMDSV1:
+        return (
+            f"EC2 instance {group.instance_id} (instance role {group.role}, account {group.account}) serves its "
+            "credentials through IMDSv1, without a session token: the path server-side request forgery takes. "
+            "Require IMDSv2 (HttpTokens required) on the instance."
+        )
     return (
         f"Credentials created exclusively for EC2 instance {group.instance_id} through instance role "
         f"{group.role} in account {group.account} have been used from {_where(group)}."
     )
+
+
+def api_calls(calls: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+    """SPEC §13: the 32 most frequent eventSource/eventName pairs with their counts, then — when there
+    are more — one entry ``{"other": true, "pairs": <how many>, "count": <their records>}``."""
+    pairs = sorted(
+        ((n, source, name) for source, names in calls.items() for name, n in names.items() if source != OTHER),
+        key=lambda p: (-p[0], p[1], p[2]),
+    )
+    out: list[dict[str, Any]] = [{"eventSource": source, "eventName": name, "count": n} for n, source, name in pairs[:TOP_API_CALLS]]
+    rest = pairs[TOP_API_CALLS:]
+    beyond = sum((calls.get(OTHER) or {}).values())
+    if rest or beyond:
+        out.append({"other": True, "pairs": len(rest) + (1 if beyond else 0), "count": sum(p[0] for p in rest) + beyond})
+    return out
 
 
 def render(group: FindingGroup) -> dict[str, Any]:
@@ -80,6 +129,12 @@ def render(group: FindingGroup) -> dict[str, Any]:
     }
     if group.origin == ORIGIN_ENDPOINT or group.vpce:
         additional["vpcEndpointId"] = group.vpce
+    for name, value in (group.evidence or {}).items():
+        additional[name] = iso_seconds(value) if name in _TIME_EVIDENCE and value is not None else value
+    if group.other_instance is not None:
+        additional["otherInstanceId"] = group.other_instance
+    additional["apiCalls"] = api_calls(group.api_calls or {})
+    additional["errorCodes"] = {("other" if code == OTHER else code): n for code, n in (group.error_codes or {}).items()}
     return {
         "schemaVersion": SCHEMA_VERSION,
         "accountId": group.account,

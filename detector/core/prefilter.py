@@ -1,9 +1,11 @@
 """An exact byte-level prefilter: can this raw input hold a record that matters? (SPEC §3)
 
-Only two kinds of CloudTrail record can change the detector's state or raise a finding: records made
-with EC2 instance credentials (``userIdentity.arn`` ``arn:<p>:sts::<account>:assumed-role/<role>/i-…``)
-and EC2's own ``AssumeRole`` issuing them (``eventName`` ``AssumeRole``, ``userIdentity.invokedBy``
-``ec2.amazonaws.com``). Every other record is only counted.
+Only these kinds of input can change the detector's state or raise a finding: records made with EC2
+instance credentials (``userIdentity.arn`` ``arn:<p>:sts::<account>:assumed-role/<role>/i-…``), EC2's
+own ``AssumeRole`` issuing them (``eventName`` ``AssumeRole``, ``userIdentity.invokedBy``
+``ec2.amazonaws.com``), and lifecycle or address signals (SPEC §11, §13: ``StopInstances``,
+``TerminateInstances``, ``StartInstances``, ``BidEvictedEvent``, ``AssociateAddress``, and EventBridge
+``EC2 Instance State-change Notification`` events). Every other record is only counted.
 
 ``may_matter(raw)`` is False only when ``raw`` cannot contain either kind:
 
@@ -24,6 +26,16 @@ from __future__ import annotations
 
 _SESSION_MARKERS = (b":assumed-role/", b"/i-")
 _ISSUANCE_MARKERS = (b"AssumeRole", b"ec2.amazonaws.com")
+# Lifecycle and address signals (SPEC §11, §13), whoever made them: their eventName, or the detail-type
+# of an EventBridge state-change notification, appears in the bytes.
+_SIGNAL_MARKERS = (
+    b"StopInstances",
+    b"TerminateInstances",
+    b"StartInstances",
+    b"BidEvictedEvent",
+    b"AssociateAddress",
+    b"EC2 Instance State-change Notification",
+)
 
 
 def may_matter(raw: bytes | bytearray | memoryview | str) -> bool:
@@ -37,4 +49,6 @@ def may_matter(raw: bytes | bytearray | memoryview | str) -> bool:
         return True
     if _SESSION_MARKERS[0] in raw and _SESSION_MARKERS[1] in raw:
         return True
-    return _ISSUANCE_MARKERS[0] in raw and _ISSUANCE_MARKERS[1] in raw
+    if _ISSUANCE_MARKERS[0] in raw and _ISSUANCE_MARKERS[1] in raw:
+        return True
+    return any(marker in raw for marker in _SIGNAL_MARKERS)

@@ -33,6 +33,18 @@ BAD_RECORDS = "bad_records"
 BAD_RECORD = "bad_record"
 BAD_FIELD = "bad_field"  # an instance-credential record lacking a field the decision needs
 
+# SPEC §10/§11: EventBridge events of this detail-type are input (lifecycle signals). ``classify`` turns
+# each into a *state-change record*: ``{"detail-type": STATE_CHANGE, "eventTime": <time>, "detail":
+# {"instance-id": ..., "state": ...}}`` — its ``time`` as ``eventTime``, so ordering and the engine read
+# it like a CloudTrail record, and nothing else of the event is kept.
+STATE_CHANGE = "EC2 Instance State-change Notification"
+# eventNames of CloudTrail records that may carry a lifecycle or address signal (SPEC §11, §13).
+SIGNAL_NAMES = frozenset(
+    {"StopInstances", "TerminateInstances", "StartInstances", "BidEvictedEvent", "AssociateAddress"}
+)
+# eventNames that make a record matter whoever made it: issuance (§3) and the signals above.
+KEEP_NAMES = SIGNAL_NAMES | {"AssumeRole"}
+
 
 @dataclass(slots=True)
 class Decoded:
@@ -47,7 +59,30 @@ class Decoded:
 
 
 def is_cloudtrail_record(value: Any) -> bool:
-    return isinstance(value, dict) and "eventVersion" in value and isinstance(value.get("userIdentity"), dict)
+    """A CloudTrail record: ``userIdentity`` an object, and ``eventVersion`` or (SPEC §10, a bare record)
+    ``eventTime`` present."""
+    return (
+        isinstance(value, dict)
+        and ("eventVersion" in value or "eventTime" in value)
+        and isinstance(value.get("userIdentity"), dict)
+    )
+
+
+def is_state_change(value: Any) -> bool:
+    """A state-change record made by :func:`classify` from an ``EC2 Instance State-change Notification``."""
+    return isinstance(value, dict) and value.get("detail-type") == STATE_CHANGE and isinstance(value.get("detail"), dict)
+
+
+def state_change_record(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The state-change record of an EventBridge ``EC2 Instance State-change Notification``, or None when
+    it lacks a string ``time``, ``detail.instance-id`` or ``detail.state``."""
+    detail = event.get("detail")
+    if not isinstance(detail, dict):
+        return None
+    instance_id, state, time = detail.get("instance-id"), detail.get("state"), event.get("time")
+    if not (isinstance(instance_id, str) and isinstance(state, str) and isinstance(time, str)):
+        return None
+    return {"detail-type": STATE_CHANGE, "eventTime": time, "detail": {"instance-id": instance_id, "state": state}}
 
 
 def classify(value: Any) -> Decoded:
@@ -59,6 +94,12 @@ def classify(value: Any) -> Decoded:
     if "detail-type" in value and "detail" in value:
         if not isinstance(value["detail-type"], str):  # not an EventBridge event (and unhashable, maybe)
             out.malformed.append(UNKNOWN_SHAPE)
+        elif value["detail-type"] == STATE_CHANGE:
+            change = state_change_record(value)
+            if change is None:
+                out.malformed.append(BAD_DETAIL)
+            else:
+                out.records.append(change)
         elif value["detail-type"] not in CLOUDTRAIL_DETAIL_TYPES:
             out.skipped = True
         elif is_cloudtrail_record(value["detail"]):
@@ -66,7 +107,7 @@ def classify(value: Any) -> Decoded:
         else:
             out.malformed.append(BAD_DETAIL)
         return out
-    if "eventVersion" in value and "userIdentity" in value:
+    if ("eventVersion" in value or "eventTime" in value) and "userIdentity" in value:
         if is_cloudtrail_record(value):
             out.records.append(value)
         else:
@@ -121,11 +162,21 @@ class _Credentials(msgspec.Struct, gc=False):
 
 class _Response(msgspec.Struct, gc=False):
     credentials: _Credentials | None = None
+    instancesSet: Any = None  # StopInstances & co. (SPEC §11): {"items": [{"instanceId": ...}]}
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
 
 
 class _Parameters(msgspec.Struct, gc=False):
     roleArn: Any = None
     roleSessionName: Any = None
+    instancesSet: Any = None  # SPEC §11
+    instanceId: Any = None  # AssociateAddress (SPEC §13)
+    dryRun: Any = None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
 
 
 class _SessionContext(msgspec.Struct, gc=False):
@@ -147,8 +198,10 @@ class _Identity(msgspec.Struct, gc=False):
 class FastRecord(msgspec.Struct, gc=False):
     """The fields of a CloudTrail record the engine reads (``Engine.apply`` takes it as a record)."""
 
-    eventVersion: Any  # required: present, whatever its value (SPEC §2 recognises the shape by it)
     userIdentity: _Identity  # required, an object
+    # SPEC §2 recognises a record by eventVersion, §10 also by eventTime: a record with neither (both
+    # left at their defaults) is left to the reference decoder (see _complete).
+    eventVersion: Any = msgspec.UNSET
     eventTime: Any = None
     eventName: Any = None
     eventSource: Any = None
@@ -157,11 +210,21 @@ class FastRecord(msgspec.Struct, gc=False):
     vpcEndpointId: Any = None
     vpcEndpointAccountId: Any = None
     eventID: Any = None
+    errorCode: Any = None
+    eventType: Any = None
     requestParameters: _Parameters | None = None
     responseElements: _Response | None = None
+    serviceEventDetails: Any = None  # BidEvictedEvent: {"instanceIdSet": [...]}
 
     def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
+        value = getattr(self, name, default)
+        return default if value is msgspec.UNSET else value
+
+
+def _complete(record: FastRecord) -> bool:
+    """True when the struct is surely a CloudTrail record: ``eventVersion`` present or ``eventTime`` set.
+    (An explicit ``"eventTime": null`` without eventVersion is one too: the reference decoder says so.)"""
+    return record.eventVersion is not msgspec.UNSET or record.eventTime is not None
 
 
 class _EventBridgeInput(msgspec.Struct, gc=False, rename={"detail_type": "detail-type"}):
@@ -184,6 +247,13 @@ class _LogFileInput(msgspec.Struct, gc=False, rename={"detail_type": "detail-typ
 
 
 SKIPPED = "skipped"  # what fast decoding returns for an EventBridge event of another detail-type
+
+
+def detail_of(env: _EventBridgeInput) -> FastRecord | str | None:
+    """The record of a decoded EventBridge event, SKIPPED, or None (the reference path decides)."""
+    if env.detail_type not in CLOUDTRAIL_DETAIL_TYPES:
+        return None if env.detail_type == STATE_CHANGE else SKIPPED
+    return env.detail if _complete(env.detail) else None
 
 _FAST_ERRORS = (msgspec.DecodeError, RecursionError)
 _ORJSON_MAX_DEPTH = 1024
@@ -215,7 +285,7 @@ class FastDecoder:
                 env = self._eventbridge.decode(raw)
             except _FAST_ERRORS:
                 return self._as_record(raw, switch=True)
-            return env.detail if env.detail_type in CLOUDTRAIL_DETAIL_TYPES else SKIPPED
+            return detail_of(env)
         result = self._as_record(raw, switch=False)
         if result is None:
             try:
@@ -223,7 +293,7 @@ class FastDecoder:
             except _FAST_ERRORS:
                 return None
             self._eventbridge_first = True
-            return env.detail if env.detail_type in CLOUDTRAIL_DETAIL_TYPES else SKIPPED
+            return detail_of(env)
         return result
 
     def _as_record(self, raw: Any, switch: bool) -> FastRecord | None:
@@ -233,6 +303,8 @@ class FastDecoder:
             return None
         if rec.detail_type is not msgspec.UNSET and rec.detail is not msgspec.UNSET:
             return None  # also an EventBridge event: the reference path classifies it
+        if not _complete(rec):
+            return None
         if switch:
             self._eventbridge_first = False
         return rec
@@ -249,6 +321,9 @@ class FastDecoder:
             doc.eventVersion is not msgspec.UNSET and doc.userIdentity is not msgspec.UNSET
         ):
             return None
+        for record in doc.Records:
+            if not _complete(record):
+                return None
         return doc.Records
 
 
@@ -262,41 +337,61 @@ def _project(record: FastRecord) -> dict[str, Any]:
             identity[name] = value
     if ident.sessionContext is not None:
         identity["sessionContext"] = {"ec2RoleDelivery": ident.sessionContext.ec2RoleDelivery}
-    out: dict[str, Any] = {"eventVersion": record.eventVersion, "userIdentity": identity}
-    for name in ("eventTime", "eventName", "eventSource", "awsRegion", "sourceIPAddress", "vpcEndpointId",
-                 "vpcEndpointAccountId", "eventID"):  # fmt: skip
+    out: dict[str, Any] = {"userIdentity": identity}
+    if record.eventVersion is not msgspec.UNSET:
+        out["eventVersion"] = record.eventVersion
+    for name in _TOP_FIELDS:
         value = getattr(record, name)
         if value is not None:
             out[name] = value
     params = record.requestParameters
     if params is not None:
-        out["requestParameters"] = {"roleArn": params.roleArn, "roleSessionName": params.roleSessionName}
+        out["requestParameters"] = {
+            name: value for name in _PARAMETER_FIELDS if (value := getattr(params, name)) is not None
+        }
     response = record.responseElements
     if response is not None:
         creds = response.credentials
-        out["responseElements"] = {"credentials": None if creds is None else {"accessKeyId": creds.accessKeyId}}
+        out["responseElements"] = projected = {
+            "credentials": None if creds is None else {"accessKeyId": creds.accessKeyId}
+        }
+        if response.instancesSet is not None:
+            projected["instancesSet"] = response.instancesSet
     return out
+
+
+# What a projected record keeps (never a session token): top-level fields and requestParameters fields.
+_TOP_FIELDS = ("eventTime", "eventName", "eventSource", "awsRegion", "sourceIPAddress", "vpcEndpointId",
+               "vpcEndpointAccountId", "eventID", "errorCode", "eventType", "serviceEventDetails")  # fmt: skip
+_PARAMETER_FIELDS = ("roleArn", "roleSessionName", "instancesSet", "instanceId", "dryRun")
 
 
 def _project_dict(record: dict[str, Any]) -> dict[str, Any]:
     """:func:`_project` for a record of the reference decoder (same decisions, no session token)."""
+    if is_state_change(record):
+        return record  # already reduced by classify
     ident = record["userIdentity"]
     identity = {name: ident[name] for name in ("type", "arn", "invokedBy", "accessKeyId", "principalId") if name in ident}
     context = ident.get("sessionContext")
     if isinstance(context, dict):
         identity["sessionContext"] = {"ec2RoleDelivery": context.get("ec2RoleDelivery")}
-    out: dict[str, Any] = {"eventVersion": record["eventVersion"], "userIdentity": identity}
-    for name in ("eventTime", "eventName", "eventSource", "awsRegion", "sourceIPAddress", "vpcEndpointId",
-                 "vpcEndpointAccountId", "eventID"):  # fmt: skip
+    out: dict[str, Any] = {"userIdentity": identity}
+    if "eventVersion" in record:
+        out["eventVersion"] = record["eventVersion"]
+    for name in _TOP_FIELDS:
         if name in record:
             out[name] = record[name]
     params = record.get("requestParameters")
     if isinstance(params, dict):
-        out["requestParameters"] = {"roleArn": params.get("roleArn"), "roleSessionName": params.get("roleSessionName")}
+        out["requestParameters"] = {name: params[name] for name in _PARAMETER_FIELDS if name in params}
     response = record.get("responseElements")
     if isinstance(response, dict):
         creds = response.get("credentials")
-        out["responseElements"] = {"credentials": {"accessKeyId": creds.get("accessKeyId")} if isinstance(creds, dict) else None}
+        out["responseElements"] = projected = {
+            "credentials": {"accessKeyId": creds.get("accessKeyId")} if isinstance(creds, dict) else None
+        }
+        if "instancesSet" in response:
+            projected["instancesSet"] = response["instancesSet"]
     return out
 
 
@@ -306,7 +401,10 @@ def matters(record: FastRecord) -> bool:
     ident = record.userIdentity
     if ident.type == "AssumedRole" and type(ident.arn) is str and _is_instance_arn(ident.arn):
         return True
-    return record.eventName == "AssumeRole" and ident.invokedBy == "ec2.amazonaws.com"
+    name = record.eventName
+    if name == "AssumeRole":
+        return ident.invokedBy == "ec2.amazonaws.com"
+    return type(name) is str and name in SIGNAL_NAMES  # a lifecycle or address signal (§11, §13), anyone's
 
 
 def _is_instance_arn(arn: str) -> bool:
@@ -354,8 +452,13 @@ def decode_fast(raw: bytes | bytearray) -> Decoded:
 
 
 def _dict_matters(record: dict[str, Any]) -> bool:
+    if is_state_change(record):
+        return True
     identity = record["userIdentity"]
     arn = identity.get("arn")
     if identity.get("type") == "AssumedRole" and isinstance(arn, str) and _is_instance_arn(arn):
         return True
-    return record.get("eventName") == "AssumeRole" and identity.get("invokedBy") == "ec2.amazonaws.com"
+    name = record.get("eventName")
+    if name == "AssumeRole":
+        return identity.get("invokedBy") == "ec2.amazonaws.com"
+    return isinstance(name, str) and name in SIGNAL_NAMES

@@ -11,12 +11,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .addresses import AddressIndex, parse_network
+from .addresses import V4, AddressIndex, format_address, parse_address, parse_network
 
 ACCOUNT_RE = re.compile(r"^[0-9]{12}$")
 VPCE_RE = re.compile(r"^vpce-[0-9a-f]{8,17}$")
+INSTANCE_RE = re.compile(r"^i-(?:[0-9a-f]{17}|[0-9a-f]{8})$")
+VPC_RE = re.compile(r"^vpc-[0-9a-f]{8,17}$")
 
-_ACCOUNT_FIELDS = {"name", "affiliated", "trusted", "cidrs", "vpc_endpoints"}
+_ACCOUNT_FIELDS = {"name", "affiliated", "trusted", "cidrs", "vpc_endpoints", "instances"}
+_INSTANCE_FIELDS = {"vpc", "private", "public", "ipv6", "egress"}
+_ENDPOINT_FIELDS = {"vpc"}
 _NETWORK_FIELDS = {"cidr", "accounts", "name"}
 _TOP_FIELDS = {"accounts", "expected_networks"}
 
@@ -33,6 +37,25 @@ class Account:
     trusted: bool = False
     cidrs: tuple[str, ...] = ()
     vpc_endpoints: tuple[str, ...] = ()
+    # SPEC §12 (optional): the account's instances, and the VPC of each endpoint (None: not known).
+    instances: tuple[Instance, ...] = ()
+    endpoint_vpcs: tuple[tuple[str, str | None], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """An instance of the inventory (SPEC §12); addresses normalised."""
+
+    instance_id: str
+    vpc: str | None = None
+    private: tuple[str, ...] = ()
+    public: tuple[str, ...] = ()
+    ipv6: tuple[str, ...] = ()
+    egress: bool = False
+
+
+# Who lists an address (SPEC §12): (instance ID, account, egress) per listing instance.
+Listing = tuple[tuple[str, str, bool], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +82,42 @@ class Registry:
     expected: AddressIndex[frozenset[str]] = field(init=False, repr=False)
     endpoint_owner: dict[str, str] = field(init=False, repr=False)
     inventoried: frozenset[str] = field(init=False, repr=False)
+    # SPEC §12: endpoint -> VPC (when known); (family, value) of a public/IPv6 address -> who lists it;
+    # (VPC, family, value) of a private/IPv6 address -> who lists it.
+    endpoint_vpc: dict[str, str] = field(init=False, repr=False)
+    by_public: dict[tuple[int, int], Listing] = field(init=False, repr=False)
+    by_private: dict[tuple[str, int, int], Listing] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        by_public: dict[tuple[int, int], Listing] = {}
+        by_private: dict[tuple[str, int, int], Listing] = {}
+        for acct in self.accounts.values():
+            for inst in acct.instances:
+                who = ((inst.instance_id, acct.account_id, inst.egress),)
+                for address in (*inst.public, *inst.ipv6):
+                    key = parse_address(address)
+                    assert key is not None
+                    if who[0] not in by_public.get(key, ()):
+                        by_public[key] = by_public.get(key, ()) + who
+                if inst.vpc is not None:
+                    for address in (*inst.private, *inst.ipv6):
+                        family, value = parse_address(address)  # type: ignore[misc]
+                        pkey = (inst.vpc, family, value)
+                        if who[0] not in by_private.get(pkey, ()):
+                            by_private[pkey] = by_private.get(pkey, ()) + who
+        self.by_public = by_public
+        self.by_private = by_private
+        self.endpoint_vpc = {
+            vpce: vpc for acct in self.accounts.values() for vpce, vpc in acct.endpoint_vpcs if vpc is not None
+        }
+        # An instance's public and IPv6 addresses are addresses of its account (SPEC §12, for §4.3a).
         self.owners = AddressIndex(
-            (cidr, acct.account_id) for acct in self.accounts.values() for cidr in acct.cidrs
+            [(cidr, acct.account_id) for acct in self.accounts.values() for cidr in acct.cidrs]
+            + [
+                (f"{address}/{32 if family == V4 else 128}", who[0][1])
+                for (family, value), who in by_public.items()
+                for address in (format_address(family, value),)
+            ]
         )
         self.expected = AddressIndex(
             (
@@ -101,7 +156,30 @@ class Registry:
             "cidrs": len(self.owners),
             "vpc_endpoints": len(self.endpoint_owner),
             "expected_networks": len(self.expected_networks),
+            "instances": sum(len(a.instances) for a in self.accounts.values()),
         }
+
+    @property
+    def has_instances(self) -> bool:
+        return bool(self.by_public or self.by_private)
+
+    def other_instance(self, address_key: tuple[int, int], vpce: str | None, instance_id: str) -> tuple[str, str] | None:
+        """SPEC §12: ``(J, J's account)`` when the address ``(family, value)`` of a record of instance
+        ``instance_id`` belongs to another, non-egress instance J of the inventory — through an endpoint
+        whose VPC is known, as J's private (or IPv6) address in that VPC; otherwise as J's public or IPv6
+        address. None when the address is listed for ``instance_id`` itself, for no instance, or only for
+        egress instances."""
+        vpc = self.endpoint_vpc.get(vpce) if vpce is not None else None
+        if vpc is not None:
+            listing = self.by_private.get((vpc, address_key[0], address_key[1]), ())
+        else:
+            listing = self.by_public.get(address_key, ())
+        if not listing or any(who[0] == instance_id for who in listing):
+            return None
+        for other, account, egress in sorted(listing):
+            if not egress:
+                return other, account
+        return None
 
     def to_mapping(self) -> dict[str, Any]:
         """The registry as JSON-ready data (the on-disk format of SPEC §7)."""
@@ -109,7 +187,23 @@ class Registry:
         for acct in sorted(self.accounts.values(), key=lambda a: a.account_id):
             entry: dict[str, Any] = {"name": acct.name, "affiliated": acct.affiliated, "trusted": acct.trusted}
             entry["cidrs"] = list(acct.cidrs)
-            entry["vpc_endpoints"] = list(acct.vpc_endpoints)
+            if any(vpc is not None for _, vpc in acct.endpoint_vpcs):
+                entry["vpc_endpoints"] = {
+                    vpce: ({"vpc": vpc} if vpc is not None else {}) for vpce, vpc in acct.endpoint_vpcs
+                }
+            else:
+                entry["vpc_endpoints"] = list(acct.vpc_endpoints)
+            if acct.instances:
+                entry["instances"] = {
+                    inst.instance_id: {
+                        **({"vpc": inst.vpc} if inst.vpc is not None else {}),
+                        "private": list(inst.private),
+                        "public": list(inst.public),
+                        "ipv6": list(inst.ipv6),
+                        "egress": inst.egress,
+                    }
+                    for inst in acct.instances
+                }
             out["accounts"][acct.account_id] = entry
         for net in self.expected_networks:
             item: dict[str, Any] = {"cidr": net.cidr, "name": net.name}
@@ -155,6 +249,54 @@ def _check_cidr(source: str, key: str, value: Any) -> str:
     return value.strip()
 
 
+def _check_vpc(source: str, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not VPC_RE.match(value):
+        raise _fail(source, key, f"VPC ID must look like vpc-0123456789abcdef0, got {value!r}")
+    return value
+
+
+def _check_addresses(source: str, key: str, value: Any, v6: bool | None) -> tuple[str, ...]:
+    """A list of single addresses (``v6`` True: IPv6 only, False: IPv4 only, None: either), normalised."""
+    out = []
+    for i, item in enumerate(_check_list(source, key, value)):
+        parsed = parse_address(item) if isinstance(item, str) else None
+        if parsed is None:
+            raise _fail(source, f"{key}[{i}]", f"must be an IP address, got {item!r}")
+        if v6 is not None and (parsed[0] != V4) != v6:
+            raise _fail(source, f"{key}[{i}]", f"must be an {'IPv6' if v6 else 'IPv4'} address, got {item!r}")
+        out.append(format_address(*parsed))
+    return tuple(out)
+
+
+def _check_instances(source: str, base: str, raw: Any, seen: dict[str, str]) -> tuple[Instance, ...]:
+    """``accounts.<id>.instances`` (SPEC §12): instance ID -> {vpc, private, public, ipv6, egress}."""
+    key = f"{base}.instances"
+    if not isinstance(raw, Mapping):
+        raise _fail(source, key, "must be an object/table keyed by instance ID")
+    out = []
+    for instance_id, entry in raw.items():
+        ikey = f"{key}.{instance_id}"
+        if not isinstance(instance_id, str) or not INSTANCE_RE.match(instance_id):
+            raise _fail(source, ikey, "instance ID must look like i-0123456789abcdef0")
+        if instance_id in seen and seen[instance_id] != base:
+            raise _fail(source, ikey, f"{instance_id} is already listed under {seen[instance_id]}")
+        seen[instance_id] = base
+        if not isinstance(entry, Mapping):
+            raise _fail(source, ikey, "must be an object/table")
+        _unknown(source, ikey + ".", entry, _INSTANCE_FIELDS)
+        out.append(
+            Instance(
+                instance_id=instance_id,
+                vpc=_check_vpc(source, f"{ikey}.vpc", entry["vpc"]) if entry.get("vpc") is not None else None,
+                private=_check_addresses(source, f"{ikey}.private", entry.get("private", []), None),
+                public=_check_addresses(source, f"{ikey}.public", entry.get("public", []), False),
+                ipv6=_check_addresses(source, f"{ikey}.ipv6", entry.get("ipv6", []), True),
+                egress=_check_bool(source, f"{ikey}.egress", entry.get("egress", False)),
+            )
+        )
+    return tuple(out)
+
+
 def _unknown(source: str, prefix: str, mapping: Mapping[str, Any], allowed: set[str]) -> None:
     extra = sorted(set(mapping) - allowed)
     if extra:
@@ -178,6 +320,7 @@ def registry_from_mapping(data: Any, source: str = "<registry>") -> Registry:
         raise _fail(source, "accounts", "must be an object/table keyed by account ID")
     accounts: dict[str, Account] = {}
     seen_endpoints: dict[str, str] = {}
+    seen_instances: dict[str, str] = {}
     for account_id, raw in raw_accounts.items():
         base = f"accounts.{account_id}"
         _check_account_id(source, base, account_id)
@@ -189,14 +332,33 @@ def registry_from_mapping(data: Any, source: str = "<registry>") -> Registry:
             for i, c in enumerate(_check_list(source, f"{base}.cidrs", raw.get("cidrs", [])))
         )
         endpoints = []
-        for i, e in enumerate(_check_list(source, f"{base}.vpc_endpoints", raw.get("vpc_endpoints", []))):
-            key = f"{base}.vpc_endpoints[{i}]"
+        endpoint_vpcs: list[tuple[str, str | None]] = []
+        raw_endpoints = raw.get("vpc_endpoints", [])
+        if isinstance(raw_endpoints, Mapping):  # SPEC §12: {vpce: {"vpc": ...}}
+            listed: list[tuple[str, str, Any]] = [
+                (f"{base}.vpc_endpoints.{e}", e, v) for e, v in raw_endpoints.items()
+            ]
+        else:
+            listed = [
+                (f"{base}.vpc_endpoints[{i}]", e, None)
+                for i, e in enumerate(_check_list(source, f"{base}.vpc_endpoints", raw_endpoints))
+            ]
+        for key, e, details in listed:
             if not isinstance(e, str) or not VPCE_RE.match(e):
                 raise _fail(source, key, f"VPC endpoint ID must look like vpce-0123456789abcdef0, got {e!r}")
             if e in seen_endpoints and seen_endpoints[e] != account_id:
                 raise _fail(source, key, f"{e} is already listed under account {seen_endpoints[e]}")
+            vpc = None
+            if isinstance(raw_endpoints, Mapping):
+                if not isinstance(details, Mapping):
+                    raise _fail(source, key, 'must be an object/table (e.g. {"vpc": "vpc-0123456789abcdef0"})')
+                _unknown(source, key + ".", details, _ENDPOINT_FIELDS)
+                if details.get("vpc") is not None:
+                    vpc = _check_vpc(source, f"{key}.vpc", details["vpc"])
             seen_endpoints[e] = account_id
             endpoints.append(e)
+            endpoint_vpcs.append((e, vpc))
+        instances = _check_instances(source, base, raw.get("instances", {}), seen_instances)
         accounts[account_id] = Account(
             account_id=account_id,
             name=_check_str(source, f"{base}.name", raw.get("name", "")),
@@ -204,6 +366,8 @@ def registry_from_mapping(data: Any, source: str = "<registry>") -> Registry:
             trusted=_check_bool(source, f"{base}.trusted", raw.get("trusted", False)),
             cidrs=cidrs,
             vpc_endpoints=tuple(endpoints),
+            instances=instances,
+            endpoint_vpcs=tuple(endpoint_vpcs),
         )
     networks = []
     for i, raw in enumerate(_check_list(source, "expected_networks", data.get("expected_networks", []))):

@@ -47,8 +47,10 @@ class EngineConfig:
 
 # --- session keys ----------------------------------------------------------------------------------
 
+# The role is an IAM role name, or the reserved ``aws:ec2-instance`` (SPEC §10); other ``aws:`` roles
+# (``:`` is not in IAM role names) never match.
 SESSION_ARN = re.compile(
-    r"arn:([a-z][a-z0-9-]*):sts::([0-9]{12}):assumed-role/([\w+=,.@-]{1,128})/i-([0-9a-f]{17}|[0-9a-f]{8})"
+    r"arn:([a-z][a-z0-9-]*):sts::([0-9]{12}):assumed-role/([\w+=,.@-]{1,128}|aws:ec2-instance)/i-([0-9a-f]{17}|[0-9a-f]{8})"
 )
 _INSTANCE_BITS = 68  # 17 hex digits
 _SHORT_BIT = 1 << _INSTANCE_BITS  # set for an 8-digit instance ID
@@ -100,6 +102,25 @@ def key_string(packed: int | str) -> str:
     if isinstance(packed, str):
         return packed
     return _PREFIXES[packed >> _PREFIX_SHIFT][3] + _instance_id(packed)
+
+
+_INSTANCE_KEY_MASK = _SHORT_BIT | _INSTANCE_MASK
+
+
+def instance_bits(instance_id: Any) -> int | None:
+    """The instance part of a packed key for an instance ID (``i-`` + 8 or 17 lowercase hex), else None:
+    the key of the instance's lifecycle entry."""
+    if type(instance_id) is not str or not _INSTANCE_ID.fullmatch(instance_id):
+        return None
+    digits = instance_id[2:]
+    return int(digits, 16) | (_SHORT_BIT if len(digits) == 8 else 0)
+
+
+def instance_text(bits: int) -> str:
+    return _instance_id(bits)
+
+
+_INSTANCE_ID = re.compile(r"i-(?:[0-9a-f]{17}|[0-9a-f]{8})")
 
 
 def _key_parts(packed: int) -> tuple[str, str, str, str]:
@@ -169,9 +190,11 @@ X_TOFU6 = 4
 X_GROUPS = 5
 X_PARTS = 6  # (instance_id, account, role, partition) when not derived from the key
 X_TOFU4 = 7  # a first-use IPv4 address not written canonically (never made by the engine)
-_X_EMPTY = ((), None, None, None, None, (), None, None)
+X_KEY_TIMES = 8  # first-seen times of the X_KEYS keys (a parallel tuple; None: unknown), SPEC §11
+_X_EMPTY = ((), None, None, None, None, (), None, None, ())
 
 _NONE = -1
+_UNKNOWN = float("nan")  # an access key's first-seen time that is not known
 _GROW_MIN = 1024
 
 
@@ -212,6 +235,7 @@ class SessionIndex:
         "_tofu4",
         "_ep",
         "_addr",
+        "_akt",
         "_extra",
         "_free",
         "_cap",
@@ -231,6 +255,7 @@ class SessionIndex:
         self._tofu4 = array("I")
         self._ep = array("I")
         self._addr = array("I")
+        self._akt = array("d")  # first-seen eventTime of the newest access key (F_AK set), SPEC §11
         self._extra: dict[int, list[Any]] = {}
         self._free: list[int] = []
         self._cap = 0
@@ -253,6 +278,7 @@ class SessionIndex:
         self._tofu4.extend(zeros_u)
         self._ep.extend(zeros_u)
         self._addr.extend(zeros_u)
+        self._akt.extend(zeros_d)
         self._cap = old + add
         self._free.extend(range(old + add - 1, old - 1, -1))  # popped from the end: lowest first
 
@@ -345,25 +371,51 @@ class SessionIndex:
             return (*older, self._ak[base : base + _AK_LEN].decode("ascii"))
         return older  # type: ignore[no-any-return]
 
-    def set_access_keys(self, s: int, keys: tuple[str, ...]) -> None:
+    def key_times(self, s: int) -> tuple[float | None, ...]:
+        """First-seen eventTimes of :meth:`access_keys` (parallel; None where unknown)."""
+        older = self._xget(s, X_KEYS)
+        times = self._xget(s, X_KEY_TIMES)
+        if len(times) != len(older):
+            times = (None,) * len(older)
+        if self._flags[s] & F_AK:
+            t = self._akt[s]
+            return (*times, None if t != t else t)  # NaN: unknown
+        return times  # type: ignore[no-any-return]
+
+    def key_first_seen(self, s: int, key: str) -> float | None:
+        """When ``key`` was first known for this session (the earliest eventTime it was seen or issued at)."""
+        for k, t in zip(self.access_keys(s), self.key_times(s)):
+            if k == key:
+                return t
+        return None
+
+    def set_access_keys(self, s: int, keys: tuple[str, ...], times: tuple[float | None, ...] | None = None) -> None:
         keys = tuple(keys)
+        times = tuple(times) if times is not None and len(times) == len(keys) else (None,) * len(keys)
         raw = _ak_bytes(keys[-1]) if keys else None
         if raw is not None:
             base = s * _AK_LEN
             self._ak[base : base + _AK_LEN] = raw
             self._flags[s] |= F_AK
-            older = keys[:-1]
+            newest = times[-1]
+            self._akt[s] = _UNKNOWN if newest is None else newest
+            older, older_times = keys[:-1], times[:-1]
         else:
             self._flags[s] &= ~F_AK & 0xFF
-            older = keys
+            older, older_times = keys, times
         if older or self._flags[s] & F_EXTRA:
-            self._x(s)[X_KEYS] = older
+            x = self._x(s)
+            x[X_KEYS] = older
+            x[X_KEY_TIMES] = older_times if any(t is not None for t in older_times) else ()
 
-    def add_access_key(self, s: int, key: str) -> None:
+    def add_access_key(self, s: int, key: str, ts: float | None = None) -> None:
+        """Remember ``key`` as the newest access key, seen (or issued) at eventTime ``ts``."""
         flags = self._flags[s]
         if flags & F_AK and len(key) == _AK_LEN and key.isascii():  # the usual case: the newest again
             base = s * _AK_LEN
             if self._ak.startswith(key.encode("ascii"), base, base + _AK_LEN):
+                if ts is not None and not ts >= self._akt[s]:  # earlier, or the time was unknown (NaN)
+                    self._akt[s] = ts
                 return
         elif not flags & (F_AK | F_EXTRA):  # a session's first key: set_access_keys(s, (key,)), inlined
             raw = _ak_bytes(key)
@@ -371,13 +423,22 @@ class SessionIndex:
                 base = s * _AK_LEN
                 self._ak[base : base + _AK_LEN] = raw
                 self._flags[s] = flags | F_AK
+                self._akt[s] = _UNKNOWN if ts is None else ts
                 return
         keys = self.access_keys(s)
+        times = self.key_times(s)
         if keys and keys[-1] == key:
+            known = times[-1]
+            if ts is not None and (known is None or ts < known):
+                self.set_access_keys(s, keys, times[:-1] + (ts,))
             return
         if key in keys:
-            keys = tuple(k for k in keys if k != key)
-        self.set_access_keys(s, (keys + (key,))[-MAX_ACCESS_KEYS:])
+            i = keys.index(key)
+            known = times[i]
+            if ts is None or (known is not None and known < ts):
+                ts = known
+            keys, times = keys[:i] + keys[i + 1 :], times[:i] + times[i + 1 :]
+        self.set_access_keys(s, (keys + (key,))[-MAX_ACCESS_KEYS:], (times + (ts,))[-MAX_ACCESS_KEYS:])
 
     def deliveries(self, s: int) -> tuple[str, ...]:
         code = (self._flags[s] & _DELIVERY_MASK) >> _DELIVERY_SHIFT
@@ -533,6 +594,7 @@ class SessionIndex:
             "firstSeen": self._first[s],
             "lastSeen": self._last[s],
             "accessKeys": list(self.access_keys(s)),
+            "accessKeyTimes": list(self.key_times(s)),
             "deliveries": list(self.deliveries(s)),
             "endpoints": self.endpoints(s) or {},
             "addresses": list(self.addresses(s)),
@@ -551,7 +613,7 @@ class SessionIndex:
         self.set_parts(s, (data["instanceId"], data["account"], data["role"], data["partition"]))
         self._first[s] = data["firstSeen"]
         self._last[s] = data["lastSeen"]
-        self.set_access_keys(s, tuple(data.get("accessKeys", ())))
+        self.set_access_keys(s, tuple(data.get("accessKeys", ())), data.get("accessKeyTimes"))
         self.set_deliveries(s, tuple(data.get("deliveries", ())))
         self.set_endpoints(s, dict(data["endpoints"]) if data.get("endpoints") else None)
         self.set_addresses(s, tuple(data.get("addresses", ())))
@@ -707,6 +769,7 @@ class Session:
             "first_seen": now,
             "last_seen": now,
             "access_keys": (),
+            "key_times": (),
             "deliveries": (),
             "endpoints": None,
             "addresses": (),
@@ -802,9 +865,11 @@ class Session:
         keys = self._d["access_keys"]
         if keys and keys[-1] == key:
             return
+        known = dict(zip(keys, self._d["key_times"]))
         if key in keys:
             keys = tuple(k for k in keys if k != key)
-        self._d["access_keys"] = (keys + (key,))[-MAX_ACCESS_KEYS:]
+        self._d["access_keys"] = keys = (keys + (key,))[-MAX_ACCESS_KEYS:]
+        self._d["key_times"] = tuple(known.get(k) for k in keys)
 
     def add_delivery(self, value: str) -> None:
         if self._ix is not None:
@@ -854,6 +919,8 @@ class Session:
             "firstSeen": d["first_seen"],
             "lastSeen": d["last_seen"],
             "accessKeys": list(d["access_keys"]),
+            "accessKeyTimes": list(d["key_times"]) if len(d["key_times"]) == len(d["access_keys"])
+            else [None] * len(d["access_keys"]),
             "deliveries": list(d["deliveries"]),
             "endpoints": dict(d["endpoints"] or {}),
             "addresses": list(d["addresses"]),
@@ -868,6 +935,7 @@ class Session:
         d = s._d
         d["last_seen"] = data["lastSeen"]
         d["access_keys"] = tuple(data.get("accessKeys", ()))
+        d["key_times"] = tuple(data.get("accessKeyTimes") or ())
         d["deliveries"] = tuple(data.get("deliveries", ()))
         d["endpoints"] = dict(data["endpoints"]) if data.get("endpoints") else None
         d["addresses"] = tuple(data.get("addresses", ()))
@@ -918,17 +986,29 @@ class FindingGroup:
         "updated_at",
         "event_ids",
         "version",
+        # SPEC part two
+        "other_instance",  # §12: the other instance J of the group (type, session key, J)
+        "evidence",  # §11/§12: the rule's evidence of the latest record (dict, additionalInfo fields)
+        "api_calls",  # §13: {eventSource: {eventName: count}} of the group's records
+        "error_codes",  # §13: {errorCode: count}
     )
 
     def __init__(self, **values: Any) -> None:
         for name in self.__slots__:
             setattr(self, name, values.get(name))
+        if self.api_calls is None:
+            self.api_calls = {}
+        if self.error_codes is None:
+            self.error_codes = {}
 
     def to_data(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self.__slots__}
         data["remote_addresses"] = list(self.remote_addresses)
         data["deliveries"] = list(self.deliveries)
         data["event_ids"] = list(self.event_ids)
+        for name in ("other_instance", "evidence"):  # absent rather than null: entries of part one stay as they were
+            if data[name] is None:
+                del data[name]
         return data
 
     @classmethod
@@ -938,6 +1018,23 @@ class FindingGroup:
         group.deliveries = list(data.get("deliveries") or [])
         group.event_ids = list(data.get("event_ids") or [])
         return group
+
+
+# Lifecycle entries (SPEC §11): a list indexed by these.
+L_START = 0  # the latest start signal's time, or None
+L_STOP = 1  # T: the earliest stop signal since the latest start, or None (running)
+L_LAST = 2  # the latest stop signal's time since the latest start
+L_STATE = 3  # its instance state: "stopped" or "terminated"
+L_PREV = 4  # T of the life before the latest start (kept for clause b), or None
+L_PREV_STATE = 5
+STOPPED = "stopped"
+TERMINATED = "terminated"
+LIFECYCLE_PREFIX = "l:"  # changelog key prefix of a lifecycle entry (``l:<instance-id>``)
+
+
+def lifecycle_newest(entry: list[Any]) -> float:
+    """The newest signal time of a lifecycle entry (it expires a session TTL after that)."""
+    return max((t for t in (entry[L_START], entry[L_LAST], entry[L_PREV]) if t is not None), default=float("-inf"))
 
 
 class DetectorState:
@@ -955,6 +1052,7 @@ class DetectorState:
         "track_changes",
         "created",
         "_next_sweep",
+        "lifecycle",
     )
 
     def __init__(self, config: EngineConfig | None = None, track_changes: bool = False) -> None:
@@ -970,6 +1068,9 @@ class DetectorState:
         self.removed: set[str] = set()
         self.created = False  # whether the last touch() created its entry
         self._next_sweep = 0.0
+        # SPEC §11: per instance with a lifecycle signal, keyed by instance_bits(instance ID): a list
+        # indexed by L_* (see Lifecycle below). Kept for the session TTL after its newest signal.
+        self.lifecycle: dict[int, list[Any]] = {}
 
     def advance(self, event_time: float) -> float:
         if event_time > self.stream_time:
@@ -1044,6 +1145,13 @@ class DetectorState:
             self.expired += 1
             if self.track_changes:
                 self._note_removed(key_string(packed))
+        lifecycle = self.lifecycle
+        if lifecycle:
+            for bits in [b for b, entry in lifecycle.items() if lifecycle_newest(entry) < horizon]:
+                del lifecycle[bits]
+                if self.track_changes:
+                    self.removed.add(LIFECYCLE_PREFIX + instance_text(bits))
+                    self.changed.discard(LIFECYCLE_PREFIX + instance_text(bits))
         group_horizon = now - self.config.finding_ttl_seconds
         stale = [gid for gid, g in self.groups.items() if g.last_ts < group_horizon]
         if len(self.groups) - len(stale) > self.config.max_findings:
@@ -1055,6 +1163,70 @@ class DetectorState:
                 self.removed.add("g:" + gid)
                 self.changed.discard("g:" + gid)
         self._next_sweep = now + 60.0
+
+    # --- SPEC §11, §13: lifecycle signals -------------------------------------------------------------
+
+    def _lifecycle_entry(self, bits: int) -> list[Any]:
+        entry = self.lifecycle.get(bits)
+        if entry is None:
+            entry = self.lifecycle[bits] = [None, None, None, None, None, None]
+        if self.track_changes:
+            name = LIFECYCLE_PREFIX + instance_text(bits)
+            self.changed.add(name)
+            self.removed.discard(name)
+        return entry
+
+    def stop_signal(self, bits: int, ts: float, instance_state: str) -> None:
+        """A stop signal (SPEC §11) for the instance at eventTime ``ts``; ``instance_state`` is
+        ``stopped`` or ``terminated``."""
+        entry = self._lifecycle_entry(bits)
+        start = entry[L_START]
+        if start is not None and ts < start:  # a late signal of the previous life
+            if entry[L_PREV] is None or ts < entry[L_PREV]:
+                entry[L_PREV], entry[L_PREV_STATE] = ts, instance_state
+            return
+        if entry[L_STOP] is None or ts < entry[L_STOP]:
+            entry[L_STOP] = ts
+        last = entry[L_LAST]
+        if last is None or ts > last or (ts == last and instance_state == TERMINATED):
+            entry[L_LAST], entry[L_STATE] = ts, instance_state
+
+    def start_signal(self, bits: int, ts: float) -> None:
+        """A start signal (SPEC §11) at eventTime ``ts``: a later start opens a new life; the stop time of
+        the life it ends is kept (clause b)."""
+        entry = self._lifecycle_entry(bits)
+        start = entry[L_START]
+        if start is not None and ts <= start:
+            return  # an older start arriving late: the latest start stays
+        entry[L_START] = ts
+        stop = entry[L_STOP]
+        if stop is not None and stop < ts:
+            entry[L_PREV], entry[L_PREV_STATE] = stop, entry[L_STATE]
+            last = entry[L_LAST]
+            if last is not None and last >= ts:  # a stop after the new start too: the new life's stop
+                entry[L_STOP] = last
+            else:
+                entry[L_STOP] = entry[L_LAST] = entry[L_STATE] = None
+
+    def reset_first_use(self, bits: int) -> int:
+        """Forget the trust-on-first-use addresses of every session of the instance (SPEC §13);
+        the number of sessions reset."""
+        ix = self.sessions
+        slots = ix._slots
+        n = 0
+        for pid in range(len(_PREFIXES)):
+            packed = (pid << _PREFIX_SHIFT) | bits
+            s = slots.get(packed)
+            if s is None or not (ix._flags[s] & F_TOFU4 or ix.tofu_v4(s) is not None or ix.tofu_v6(s) is not None):
+                continue
+            ix.set_tofu_v4(s, None)
+            ix.set_tofu_v6(s, None)
+            n += 1
+            if self.track_changes:
+                key = key_string(packed)
+                self.changed.add(key)
+                self.removed.discard(key)
+        return n
 
     def note_group(self, group: FindingGroup) -> None:
         if self.track_changes:
