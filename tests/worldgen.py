@@ -486,6 +486,8 @@ class ExpectedGroup:
     kinds: Counter = field(default_factory=Counter)
     other_instance_id: str | None = None  # OtherInstance: the instance J whose address was used
     evidence: dict[str, Any] = field(default_factory=dict)  # service.additionalInfo entries it must carry
+    api_calls: Counter = field(default_factory=Counter)  # (eventSource, eventName) -> records (SPEC §13)
+    error_codes: Counter = field(default_factory=Counter)  # errorCode -> records (SPEC §13)
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -699,11 +701,11 @@ class _Gen:
         """SPEC §12: two VPCs per home (endpoints 0 and 2 in the first, 1 in the second), two peer
         instances without sessions and an egress (NAT) instance per home; the trusted hub's shared VPC
         with two instances and a NAT; one instance of the affiliated analytics account. Every third home
-        keeps `vpc_endpoints` a list (VPCs unknown)."""
+        (the second of two) keeps `vpc_endpoints` a list (VPCs unknown)."""
         for index, home in enumerate(self.homes):
             home.vpcs = [self.vpc(), self.vpc()]
             home.endpoint_vpc = {e: home.vpcs[k % 2] for k, e in enumerate(home.endpoints)}
-            home.endpoint_map = index % 3 != 2
+            home.endpoint_map = index % 3 != 2 if len(self.homes) > 2 else index == 0
             for _ in range(2):
                 self.new_instance(home, self.rng.choice(home.vpcs))
             self.new_instance(home, home.vpcs[0], egress=True)
@@ -1697,6 +1699,9 @@ class _Gen:
                 group.first_seen = min(group.first_seen or when, when)
                 group.last_seen = max(group.last_seen or when, when)
                 group.kinds[event.kind] += 1
+                group.api_calls[(event.record["eventSource"], event.record["eventName"])] += 1
+                if event.record.get("errorCode"):
+                    group.error_codes[event.record["errorCode"]] += 1
         return list(groups.values())
 
 
