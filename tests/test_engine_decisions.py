@@ -649,6 +649,7 @@ def test_remote_addresses_evidence_is_distinct_and_capped_at_16() -> None:
 
 def test_render_inside_aws_known_account_through_endpoint() -> None:
     engine, state = new_engine()
+    engine.imdsv1_findings = False  # SPEC §13's IMDSv1 finding of the first record is not this test's subject
     engine.apply(state, rec("10.9.9.9", vpcEndpointId=HOME_VPCE, time="2026-11-09T07:59:00Z"))
     engine.apply(state, rec("52.1.2.3", time="2026-11-09T07:59:30Z"))
     (group,) = apply_all(

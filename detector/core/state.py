@@ -586,7 +586,7 @@ class SessionIndex:
     def values_of(self, s: int) -> dict[str, Any]:
         """The slot as ``Session.to_data`` data."""
         instance_id, account, role, partition = self.parts(s)
-        return {
+        data = {
             "instanceId": instance_id,
             "account": account,
             "role": role,
@@ -594,7 +594,6 @@ class SessionIndex:
             "firstSeen": self._first[s],
             "lastSeen": self._last[s],
             "accessKeys": list(self.access_keys(s)),
-            "accessKeyTimes": list(self.key_times(s)),
             "deliveries": list(self.deliveries(s)),
             "endpoints": self.endpoints(s) or {},
             "addresses": list(self.addresses(s)),
@@ -602,6 +601,10 @@ class SessionIndex:
             "tofuV6": self.tofu_v6(s),
             "groups": list(self.groups(s)),
         }
+        times = self.key_times(s)
+        if any(t is not None for t in times):  # SPEC §11; absent when none is known (data of part one)
+            data["accessKeyTimes"] = list(times)
+        return data
 
     def _store(self, s: int, data: dict[str, Any]) -> None:
         """Write ``to_data``-shaped ``data`` into slot ``s`` (whose key is already set)."""
@@ -911,7 +914,7 @@ class Session:
         if self._ix is not None:
             return self._ix.values_of(self._s())
         d = self._d
-        return {
+        data = {
             "instanceId": d["instance_id"],
             "account": d["account"],
             "role": d["role"],
@@ -919,8 +922,6 @@ class Session:
             "firstSeen": d["first_seen"],
             "lastSeen": d["last_seen"],
             "accessKeys": list(d["access_keys"]),
-            "accessKeyTimes": list(d["key_times"]) if len(d["key_times"]) == len(d["access_keys"])
-            else [None] * len(d["access_keys"]),
             "deliveries": list(d["deliveries"]),
             "endpoints": dict(d["endpoints"] or {}),
             "addresses": list(d["addresses"]),
@@ -928,6 +929,10 @@ class Session:
             "tofuV6": d["tofu_v6"],
             "groups": list(d["groups"]),
         }
+        times = d["key_times"]
+        if len(times) == len(d["access_keys"]) and any(t is not None for t in times):
+            data["accessKeyTimes"] = list(times)
+        return data
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Session:
