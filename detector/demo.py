@@ -13,13 +13,14 @@ class World:
     root: Path
     inputs: list[str]
     registry: Path
-    expected: Path
+    expected: Path  # SPEC part one's answer (IMDSv1 findings off)
+    expected_part2: Path  # with part two's defaults (SPEC §13's IMDSv1 findings added)
 
 
 def sample_world() -> World:
     root = Path(str(resources.files("detector") / "data" / "sample-world"))
     names = (root / "files.txt").read_text().split()
-    return World(root, [str(root / n) for n in names], root / "registry.json", root / "expected.json")
+    return World(root, [str(root / n) for n in names], root / "registry.json", root / "expected.json", root / "expected-part2.json")
 
 
 _COLUMNS = ("severity", "type", "account", "instance", "remote account", "count", "last seen", "id")
@@ -118,7 +119,7 @@ async def run_demo(out: TextIO, timeout: float = 60.0) -> int:
     from .service.settings import Settings
 
     world = sample_world()
-    expected = len(orjson.loads(world.expected.read_bytes()))
+    expected = len(orjson.loads(world.expected_part2.read_bytes()))
     with EmbeddedBroker() as broker:
         out.write(f"local broker on {broker.bootstrap}; streaming the sample world ({world.root.name})\n\n")
         settings = Settings(

@@ -183,7 +183,7 @@ def test_engine_raises_only_malformed_record_and_renders_json(batch: list[dict[s
             finding = render(change.group)
             orjson.dumps(finding)
             assert re.fullmatch(r"[0-9a-f]{32}", finding["id"])
-            assert finding["severity"] in (2, 5, 8)  # 2: IMDSv1 (SPEC §13)
+            assert finding["severity"] in (2, 5, 8)  # 2: SPEC §13's IMDSv1 finding
             assert finding["service"]["count"] >= 1
             assert ISO_Z.match(finding["service"]["eventFirstSeen"]), finding["service"]["eventFirstSeen"]
             assert ISO_Z.match(finding["service"]["eventLastSeen"])

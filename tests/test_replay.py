@@ -16,6 +16,7 @@ from worldgen import ATTACK_KINDS, LEGIT_KINDS, finding_group_key, make_world, s
 from detector.core.addresses import is_global, parse_address
 
 OUTSIDE = "UnauthorizedAccess:IAMUser/InstanceCredentialExfiltration.OutsideAWS"
+IMDSV1 = "Policy:EC2/InstanceCredentialsDeliveredByIMDSv1"
 
 
 def findings_of(proc: Any) -> list[dict[str, Any]]:
@@ -45,7 +46,8 @@ def assert_unique(findings: list[dict[str, Any]]) -> None:
 
 
 def test_sample_world_replays_to_expected(run_detector: Any, sample_world: Any) -> None:
-    proc = run_detector("replay", "--registry", sample_world.registry, *sample_world.inputs)
+    """SPEC part one's answer (expected.json): part two's IMDSv1 findings turned off."""
+    proc = run_detector("replay", "--no-imdsv1-findings", "--registry", sample_world.registry, *sample_world.inputs)
     findings = findings_of(proc)
     assert_unique(findings)
     expected = sort_expected(json.loads(sample_world.expected.read_text()))
@@ -65,20 +67,39 @@ def test_sample_world_directory_replays_in_sorted_order(run_detector: Any, sampl
         shutil.copy(path, inputs)
     (inputs / "README.md").write_text("not an input")
     findings = findings_of(run_detector("replay", "--registry", sample_world.registry, inputs))
-    assert summarize(findings) == sort_expected(json.loads(sample_world.expected.read_text()))
+    assert summarize(findings) == sort_expected(json.loads(sample_world.expected_part2.read_text()))
+
+
+def test_sample_world_replays_to_expected_part2_by_default(run_detector: Any, sample_world: Any) -> None:
+    """SPEC part two with its defaults: the 8 groups of part one plus the 5 IMDSv1 sessions (§13)."""
+    proc = run_detector("replay", "--registry", sample_world.registry, *sample_world.inputs)
+    findings = findings_of(proc)
+    assert_unique(findings)
+    expected = sort_expected(json.loads(sample_world.expected_part2.read_text()))
+    assert summarize(findings) == expected
+    assert sum(f["type"] == IMDSV1 for f in findings) == 5
+    for finding in findings:  # SPEC §13: what was done with the credentials, on every finding
+        info = finding["service"]["additionalInfo"]
+        assert sum(call["count"] for call in info["apiCalls"]) == finding["service"]["count"]
+        assert isinstance(info["errorCodes"], dict)
+    assert summary_of(proc)["findings"] == len(expected)
 
 
 def test_invictus_dataset_has_exactly_the_one_stolen_credential(run_detector: Any, invictus_dir: Path) -> None:
+    """The OutsideAWS finding, plus (SPEC §13) the IMDSv1 finding the stolen session earned."""
     proc = run_detector("replay", invictus_dir)
     findings = findings_of(proc)
-    assert len(findings) == 1
-    (finding,) = findings
+    assert len(findings) == 2
+    (imdsv1,) = [f for f in findings if f["type"] == IMDSV1]
+    assert imdsv1["severity"] == 2 and imdsv1["service"]["count"] == 2
+    assert imdsv1["resource"]["instanceDetails"]["instanceId"] == "i-0dbc91f429e48eeed"
+    (finding,) = [f for f in findings if f["type"] != IMDSV1]
     assert finding["type"] == OUTSIDE
     assert finding["severity"] == 8
     assert finding["resource"]["instanceDetails"]["instanceId"] == "i-0dbc91f429e48eeed"
     assert finding["service"]["count"] == 2
     summary = summary_of(proc)
-    assert (summary["findings"], summary["malformed"]) == (1, 0)
+    assert (summary["findings"], summary["malformed"]) == (2, 0)
 
 
 # --- generated worlds -----------------------------------------------------------------------------------
@@ -237,7 +258,7 @@ def test_gzipped_inputs_of_every_shape(run_detector: Any, tmp_path: Path) -> Non
 
 def test_output_file(run_detector: Any, invictus_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "findings.jsonl"
-    proc = run_detector("replay", "--output", out, invictus_dir)
+    proc = run_detector("replay", "--no-imdsv1-findings", "--output", out, invictus_dir)
     assert proc.returncode == 0 and proc.stdout == b""
     assert [json.loads(line)["resource"]["instanceDetails"]["instanceId"] for line in out.read_text().splitlines()] == [
         "i-0dbc91f429e48eeed"

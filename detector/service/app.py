@@ -2,8 +2,10 @@
 
 A Kafka stream processor in two stages, both on one asyncio loop with the HTTP endpoints:
 
-1. **route** (consumer group ``group_id``, the input topics): decode each message; instance-session and
-   credential-issuance records are re-keyed by session ARN onto the internal ``sessions_topic``;
+1. **route** (consumer group ``group_id``, the input topics): decode each message; instance-session,
+   credential-issuance and lifecycle records (SPEC §10) are re-keyed by **instance ID** onto the internal
+   ``sessions_topic`` — one copy per instance a record concerns (a ``StopInstances`` of several
+   instances), each tagged with its instance in the ``detector.instance`` header when there are several;
    malformed input goes to the dead-letter topic; every other record is dropped early.
 2. **detect** (consumer group ``<group_id>.detect``, the ``sessions_topic``): one ``DetectorState`` per
    partition, so a session always lives in one partition of one process. Every state change goes to the
@@ -37,10 +39,10 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, To
 
 from .. import ipranges
 from ..core import changelog
-from ..core.engine import Engine, MalformedRecord, check_decidable, issuance_parts, session_parts
+from ..core.engine import Engine, MalformedRecord, check_decidable, record_instances, session_parts
 from ..core.findings import render
 from ..core.ordering import Watermark, event_time_key, merge_runs, releasable
-from ..core.records import BAD_RECORD, INVALID_JSON, decode_fast, is_cloudtrail_record
+from ..core.records import BAD_RECORD, INVALID_JSON, decode_fast, is_cloudtrail_record, is_state_change
 from ..core.state import DetectorState, EngineConfig, FindingGroup
 from ..registry import RegistryError, load_registry
 from .http import HttpServer
@@ -56,6 +58,7 @@ EMPTY_VALUE = "empty_value"
 SOURCE_TOPIC = "detector.source.topic"
 SOURCE_PARTITION = "detector.source.partition"
 SOURCE_OFFSET = "detector.source.offset"
+ROUTED_INSTANCE = "detector.instance"  # on a routed copy of a record that concerns several instances
 CHANGELOG_CONFIG = {"cleanup.policy": "compact", "min.compaction.lag.ms": str(3600 * 1000)}
 
 Output = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]  # topic, value, key, headers, partition
@@ -80,17 +83,24 @@ def eventbridge_envelope(finding: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def route_key(record: dict[str, Any]) -> str | None:
-    """The session key a record belongs to, if it is one the detector keeps (SPEC §3).
+def route_keys(record: dict[str, Any]) -> list[str]:
+    """The instance IDs a record concerns (SPEC §10: the keys of its routed copies), empty when the
+    detector does not keep it: the instance of its session (any role), of the credentials an issuance
+    record issues, and of its lifecycle or address signals.
 
     Raises :class:`MalformedRecord` for an instance-credential record the detect stage could not decide.
     """
-    parts = session_parts(record)
-    if parts is not None:
+    if session_parts(record) is not None:
         check_decidable(record)
-        return parts[0]
-    issued = issuance_parts(record)
-    return issued[0] if issued is not None else None
+    return record_instances(record)
+
+
+def routed_instance(msg: Any) -> str | None:
+    """The instance a routed copy is for (its ``detector.instance`` header), None for the whole record."""
+    for name, value in msg.headers or ():
+        if name == ROUTED_INSTANCE:
+            return value.decode("ascii", "replace")  # type: ignore[no-any-return]
+    return None
 
 
 def source_headers(msg: Any) -> list[tuple[str, bytes]]:
@@ -329,7 +339,7 @@ class Stage(ABC):
 
 
 class RouteStage(Stage):
-    """Input topics → ``sessions_topic`` keyed by session ARN; malformed input → dead letters."""
+    """Input topics → ``sessions_topic`` keyed by instance ID; malformed input → dead letters."""
 
     name = "route"
 
@@ -373,16 +383,21 @@ class RouteStage(Stage):
             for record in decoded.records:
                 read += 1
                 try:
-                    key = route_key(record)
+                    keys = route_keys(record)
                 except MalformedRecord as exc:
                     m.malformed.labels(exc.reason).inc()
                     problem = problem or exc
                     continue
-                if key is None:
+                if not keys:
                     continue
                 if headers is None:
                     headers = source_headers(msg)
-                outbox.append((sessions_topic, dumps(record), key.encode(), headers, None))
+                value = dumps(record)
+                if len(keys) == 1:
+                    outbox.append((sessions_topic, value, keys[0].encode(), headers, None))
+                else:  # one copy per instance, each applied only for its instance (Engine.apply's ``only``)
+                    for key in keys:
+                        outbox.append((sessions_topic, value, key.encode(), [*headers, (ROUTED_INSTANCE, key.encode())], None))
                 routed += 1
             if decoded.malformed:
                 for reason in decoded.malformed:
@@ -528,13 +543,13 @@ class DetectStage(Stage):
                 continue
             expired, evicted = state.expired, state.evicted
             for msg, record in self._in_event_time_order(entries):
-                if not is_cloudtrail_record(record):
+                if not (is_cloudtrail_record(record) or is_state_change(record)):
                     reason = INVALID_JSON if record is None else BAD_RECORD
                     m.malformed.labels(reason).inc()
                     self.dead_letter(msg, reason, "not a CloudTrail record on the sessions topic", list(msg.headers or ()))
                     continue
                 try:
-                    changes = apply(state, record)
+                    changes = apply(state, record, routed_instance(msg))
                 except MalformedRecord as exc:
                     m.malformed.labels(exc.reason).inc()
                     self.dead_letter(msg, exc.reason, str(exc), list(msg.headers or ()))
@@ -750,7 +765,9 @@ class DetectorService:
             ranges, self.ranges_info = ipranges.load(settings.ip_ranges)
         except (RegistryError, ipranges.IpRangesError) as exc:
             raise StartupError(str(exc)) from None
-        self.engine = Engine(registry, ranges)
+        self.engine = Engine(
+            registry, ranges, stop_grace_seconds=settings.stop_grace_seconds, imdsv1_findings=settings.imdsv1_findings
+        )
         self.publisher = FindingPublisher(settings.finding_update_seconds)
         self.transactional = transactions_enabled(settings)
         self.transaction_lock = asyncio.Lock()  # both stages share the one transactional producer

@@ -163,6 +163,17 @@ class Settings(BaseSettings):
         False, description="Wrap each finding in an EventBridge `GuardDuty Finding` event envelope."
     )
 
+    # --- Detection (SPEC part two) ------------------------------------------------------------------
+    stop_grace_seconds: float = Field(
+        600.0, ge=0, allow_inf_nan=False,
+        description="SPEC §11: use of an instance's credentials more than this many seconds (of event time) "
+        "after the instance stopped or terminated is an `AfterInstanceStopped` finding.",
+    )
+    imdsv1_findings: bool = Field(
+        True, description="SPEC §13: a Low `Policy:EC2/InstanceCredentialsDeliveredByIMDSv1` finding for every "
+        "session whose credentials were delivered by IMDSv1.",
+    )
+
     # --- State --------------------------------------------------------------------------------------
     session_ttl_seconds: float = Field(
         43200.0, gt=0, allow_inf_nan=False, description="Idle TTL of a session entry, seconds of event time."
