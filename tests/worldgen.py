@@ -121,6 +121,7 @@ OTHER_LEGIT_KINDS = (
     "egress_hub_public",  # the trusted hub's NAT instance
     "other_vpc_endpoint",  # J's private address through an endpoint of another VPC of the home
     "unknown_vpc_endpoint",  # J's private address through an endpoint whose VPC the registry does not know
+    "unlisted_address_endpoint",  # a private address listed for no instance, through an endpoint of a known VPC
 )
 OTHER_ATTACK_KINDS = (
     "other_instance_endpoint",  # J's private address through an endpoint of J's VPC: OtherInstance
@@ -854,6 +855,8 @@ class _Gen:
             ]
         elif kind == "unknown_vpc_endpoint" and not home.endpoint_map:
             candidates = [(j, home, e, j.private[0]) for j in self.peers(sess) for e in home.endpoints]
+        elif kind == "unlisted_address_endpoint" and home.endpoint_map and own is not None:
+            candidates = [(own, home, e, "") for e in home.endpoints]  # (the address is drawn below)
         elif kind == "other_instance_endpoint" and home.endpoint_map:
             candidates = [(j, home, e, j.private[1]) for j in self.peers(sess) for e in home.endpoints_of(j.vpc)]
         elif kind == "other_instance_endpoint_v6" and home.endpoint_map:
@@ -873,7 +876,7 @@ class _Gen:
         if dry_run:
             return {}, None
         j, owner, endpoint, address = rng.choice(candidates)
-        fields: dict[str, Any] = {"sourceIPAddress": address}
+        fields: dict[str, Any] = {"sourceIPAddress": address or self.addr.private_v4()}
         if endpoint is not None:
             fields["vpcEndpointId"] = endpoint
             if rng.random() < 0.5:
