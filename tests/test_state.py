@@ -73,8 +73,14 @@ async def caught_up(services: list[DetectorService], records: int) -> bool:
 
 
 async def run_world_through(services_count: int, world: Any, broker: EmbeddedBroker, tmp_path: Path) -> list[tuple[Any, ...]]:
+    latest = await world_findings(services_count, world, broker, tmp_path)
+    return sorted(finding_key(f) for f in latest)
+
+
+async def world_findings(services_count: int, world: Any, broker: EmbeddedBroker, tmp_path: Path, **overrides: Any) -> list[dict[str, Any]]:
+    """The latest state of every finding after ``services_count`` services consumed the world, unkeyed."""
     prefix = unique(f"scale{services_count}")
-    s = settings_for(broker.bootstrap, prefix, world_registry(world, tmp_path))
+    s = settings_for(broker.bootstrap, prefix, world_registry(world, tmp_path), **overrides)
     await create_topics(broker.bootstrap, {s.input_topics: 3})
     services = [DetectorService(s) for _ in range(services_count)]
     tasks = [asyncio.create_task(svc.run()) for svc in services]
@@ -87,8 +93,7 @@ async def run_world_through(services_count: int, world: Any, broker: EmbeddedBro
     for svc in services:
         svc.stop()
     assert await asyncio.gather(*tasks) == [0] * services_count
-    latest = latest_findings(await read_topic(broker.bootstrap, s.findings_topic))
-    return sorted(finding_key(f) for f in latest.values())
+    return list(latest_findings(await read_topic(broker.bootstrap, s.findings_topic)).values())
 
 
 async def test_two_instances_with_unkeyed_input_equal_one(broker: EmbeddedBroker, tmp_path: Path) -> None:

@@ -377,11 +377,14 @@ class _Addresses:
                 return net
 
     def inside(self, net: IPNetwork, must_be_global: bool = False) -> str:
-        """A fresh address inside ``net`` (outside AWS and global when ``must_be_global``)."""
+        """A fresh address inside ``net`` (outside AWS and global when ``must_be_global``); once a small
+        network is nearly used up (large worlds), one it gave before (never one drawn for another use)."""
+        tries = 0
         while True:
+            tries += 1
             host = int(net.network_address) + self.rng.randrange(1, net.num_addresses - 1)
             addr = ipaddress.ip_address(host)
-            if str(addr) in self.used:
+            if str(addr) in self.used and tries < 200:
                 continue
             if must_be_global and (not addr.is_global or self.ranges.contains(addr)):
                 continue
@@ -577,6 +580,14 @@ def sort_expected(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --- generation ----------------------------------------------------------------------------------
 
 
+_SIGNAL_NAMES = frozenset({"StopInstances", "TerminateInstances", "StartInstances", "AssociateAddress", "BidEvictedEvent"})
+
+
+def _is_signal(event: Event) -> bool:
+    """Whether ``event`` is a CloudTrail record that may carry a lifecycle or address signal (§11, §13)."""
+    return event.record is not None and event.record.get("eventName") in _SIGNAL_NAMES
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -596,6 +607,8 @@ class _Gen:
         part2: bool = True,
         stop_grace_seconds: int = 600,
         imdsv1_findings: bool = True,
+        settle_seconds: int = 600,
+        duplicate_signals: bool = False,
     ) -> None:
         if n_accounts < 2:
             raise ValueError("n_accounts (home accounts) must be at least 2: one with inventory, one without")
@@ -621,6 +634,8 @@ class _Gen:
         self.extra_malformed = 0
         self.part2 = part2
         self.grace = int(stop_grace_seconds)
+        self.settle = int(settle_seconds)
+        self.duplicate_signals = duplicate_signals
         self.imdsv1 = imdsv1_findings and part2
         self.siblings: list[Session] = []  # `aws:ec2-instance` sessions (part two)
         self.flags: Counter = Counter()
@@ -1309,10 +1324,12 @@ class _Gen:
                 self.records(x, "after_stop_within_grace", rng.randint(1, 2), stop + 1, stop + grace, self.LEGIT_ORIGINS, x.keys[0], after=arrived)
             stolen = x.keys[0] if rng.random() < 0.7 else x.keys[2]  # a key the instance never used, clause a all the same
             after_stop = ((AFTER_STOPPED, None, HIGH),)
-            if variant.startswith("statechange"):  # just after the first signal: T is the earliest since the start
+            lo = stop + max(grace + 1, self.settle)
+            if variant.startswith("statechange") and grace + 1 >= self.settle:
+                # Just past the grace after the first signal: T is the earliest stop signal since the start.
                 self.records(x, "after_stop_a", 1, stop + grace + 1, stop + grace + 15, self.THIEF_ORIGINS, stolen, after=arrived, extra=after_stop)
-            self.records(x, "after_stop_a", rng.randint(1, 2), stop + grace + 1, stop + grace + 3000, self.THIEF_ORIGINS, stolen, after=arrived, extra=after_stop)
-            self.records(x, "after_stop_service", 1, stop + grace + 1, stop + grace + 3000, self.SERVICE_ORIGINS, stolen, after=arrived)
+            self.records(x, "after_stop_a", rng.randint(1, 2), lo, lo + 3000, self.THIEF_ORIGINS, stolen, after=arrived, extra=after_stop)
+            self.records(x, "after_stop_service", 1, lo, lo + 3000, self.SERVICE_ORIGINS, stolen, after=arrived)
 
     def scenario_clause_b(self, restart: str, known: str) -> None:
         """Stopped at T, restarted at S: the key issued after S is nothing; the key known before T
@@ -1335,10 +1352,11 @@ class _Gen:
         start = stop + rng.randint(120, 1800)
         started = self.start_signal(restart, sess, start)
         self.issuance(sess, fresh, start + 5)
-        self.records(sess, "after_restart_new_key", 2, start + 30, start + grace + 2400, self.THIEF_ORIGINS[:4], fresh, after=max(started, start + 6))
+        lo = start + max(30, self.settle)  # (before the start, the new key would be clause a)
+        self.records(sess, "after_restart_new_key", 2, lo, lo + grace + 2400, self.THIEF_ORIGINS[:4], fresh, after=max(started, start + 6))
         kind = "after_stop_b_" + known
-        self.records(sess, kind, 2, max(start + 30, stop + grace + 1), max(start, stop + grace) + 2400, self.THIEF_ORIGINS, stolen,
-                     after=started, extra=((AFTER_STOPPED, None, HIGH),))  # fmt: skip
+        lo = max(start + 30, stop + max(grace + 1, self.settle))  # (before the start, clause a: a finding all the same)
+        self.records(sess, kind, 2, lo, lo + 2400, self.THIEF_ORIGINS, stolen, after=started, extra=((AFTER_STOPPED, None, HIGH),))
 
     def scenario_no_stop(self, variant: str) -> None:
         """A StopInstances that failed (DryRun, or another errorCode) stops nothing."""
@@ -1355,7 +1373,8 @@ class _Gen:
         )  # fmt: skip
         arrived = self.ops_event(variant, sess, stop, self.ec2_call("StopInstances", [sess.instance_id]), error=error)
         kind = "after_dryrun_stop" if variant == "stop_dryrun" else "after_failed_stop"
-        self.records(sess, kind, 2, stop + grace + 1, stop + grace + 3000, self.LEGIT_ORIGINS, sess.keys[0], after=arrived)
+        lo = stop + max(grace + 1, self.settle)
+        self.records(sess, kind, 2, lo, lo + 3000, self.LEGIT_ORIGINS, sess.keys[0], after=arrived)
 
     def scenario_failed_start(self) -> None:
         """Stopped at T; a StartInstances that failed does not restart it: a key it never used, after
@@ -1369,8 +1388,9 @@ class _Gen:
         start = stop + rng.randint(60, 600)
         error = ("Client.InsufficientInstanceCapacity", "There is no Spot capacity available that matches your request.")
         started = self.ops_event("start_failed", sess, start, self.ec2_call("StartInstances", [sess.instance_id]), error=error)
-        self.records(sess, "after_failed_start", 2, max(start, stop + grace) + 1, max(start, stop + grace) + 3000, self.THIEF_ORIGINS,
-                     sess.keys[1], after=max(arrived, started), extra=((AFTER_STOPPED, None, HIGH),))  # fmt: skip
+        lo = max(start + 1, stop + max(grace + 1, self.settle))
+        self.records(sess, "after_failed_start", 2, lo, lo + 3000, self.THIEF_ORIGINS, sess.keys[1], after=max(arrived, started),
+                     extra=((AFTER_STOPPED, None, HIGH),))  # fmt: skip
 
     def plan_resets(self) -> None:
         """SPEC §13: trust-on-first-use addresses reset by AssociateAddress, StartInstances and state
@@ -1390,7 +1410,8 @@ class _Gen:
         assert old is not None
         for n, x in enumerate(sessions):
             self.instance_event(x, "tofu_first_v4", s0 + 5 + n + 0.25, when=s0 + 5 + n, key=x.keys[0])
-            self.records(x, "tofu_before_reset", rng.randint(1, 2), s0 + 30, reset - 30, ("tofu_repeat_v4",), x.keys[0], before=reset)
+            hi = reset - max(30, self.settle)  # (after the reset, it would be learnt anew)
+            self.records(x, "tofu_before_reset", rng.randint(1, 2), s0 + 30, hi, ("tofu_repeat_v4",), x.keys[0], before=hi + 1)
         iid, account = sess.instance_id, sess.home.account_id
         errors = (("Client.InvalidAllocationID.NotFound", "The allocation ID 'eipalloc-0' does not exist"),
                   ("Client.UnauthorizedOperation", "You are not authorized to perform this operation."))  # fmt: skip
@@ -1420,7 +1441,7 @@ class _Gen:
         else:
             assert variant == "no_reset_other_instance"
             arrived = self.ops_event(variant, sess, reset, self.associate_call("i-" + self.hexs(17)))
-        last = max(reset + 60, int(arrived) + 1)
+        last = max(reset + 60, int(arrived) + 1) + max(0, self.settle - 30)
         new = self.addr.aws_v4()
         for x in sessions:
             new_label = None if effective else (INSIDE, None, HIGH)
@@ -1430,8 +1451,8 @@ class _Gen:
             self.records(x, "tofu_after_reset" if effective else "tofu_no_reset", rng.randint(0, 1), w1 + 1, w1 + 600,
                          (), x.keys[0], after=a1, place=({"sourceIPAddress": new}, new_label))  # fmt: skip
             old_label = (INSIDE, None, HIGH) if effective else None
-            self.records(x, "tofu_old_after_reset" if effective else "tofu_old_no_reset", 1, w1 + 1, w1 + 900,
-                         (), x.keys[0], after=a1, place=({"sourceIPAddress": old}, old_label))  # fmt: skip
+            self.records(x, "tofu_old_after_reset" if effective else "tofu_old_no_reset", 1, w1 + max(1, self.settle), w1 + self.settle + 900,
+                         (), x.keys[0], after=a1 + self.settle, place=({"sourceIPAddress": old}, old_label))  # fmt: skip
 
     @staticmethod
     def when_of(event: Event) -> int:
@@ -1554,23 +1575,32 @@ class _Gen:
                 self.add(Event(at=at, seq=0, kind="skipped", record=detail, wrap=rng.choice(types)))
 
     def plan_duplicates(self) -> None:
-        """CloudTrail may deliver an event twice: later copies with the same eventID count once."""
+        """CloudTrail may deliver an event twice: later copies with the same eventID count once (and,
+        being the same event, stop, start or reset nothing again). Records carrying a lifecycle or
+        address signal are copied only when ``duplicate_signals`` (see make_world)."""
         rng = self.rng
-        attacks = [e for e in self.events if e.label is not None]
+        attacks = [e for e in self.events if e.label is not None and not _is_signal(e)]
         legit = [e for e in self.events if e.kind in LEGIT_KINDS]
         picks = rng.sample(attacks, min(len(attacks), self.n_duplicates))
         picks += rng.sample(legit, min(len(legit), max(1, self.n_duplicates // 2)))
         for original in picks:
-            copy_ = Event(
-                at=original.at + rng.uniform(60, 1800),
-                seq=0,
-                kind="duplicate",
-                record=copy.deepcopy(original.record),
-                label=original.label,
-                session=original.session,
-                counted=False,
-            )
-            self.add(copy_)
+            self.duplicate(original, original.at + rng.uniform(60, 1800), "duplicate")
+        if self.duplicate_signals:
+            for original in [e for e in self.events if _is_signal(e)]:
+                self.duplicate(original, original.at + rng.uniform(self.settle + 60, self.settle + 1800), "duplicate_signal")
+
+    def duplicate(self, original: Event, at: float, kind: str) -> None:
+        copy_ = Event(
+            at=at,
+            seq=0,
+            kind=kind,
+            record=copy.deepcopy(original.record),
+            label=original.label,
+            session=original.session,
+            counted=False,
+            wrap=original.wrap,
+        )
+        self.add(copy_)
 
     def malformed_raw(self, n: int) -> tuple[bytes, dict[str, Any] | None]:
         """The n-th malformed line, and the CloudTrail record it decodes to (if it decodes to one)."""
@@ -1722,6 +1752,8 @@ def make_world(
     part2: bool = True,
     stop_grace_seconds: int = 600,
     imdsv1_findings: bool = True,
+    settle_seconds: int = 600,
+    duplicate_signals: bool = False,
 ) -> World:
     """Generate the labelled world of ``seed`` (same seed, same bytes).
 
@@ -1736,12 +1768,18 @@ def make_world(
     `aws:ec2-instance` session of one instance per home, instances that stop and restart (§11, labelled
     for ``stop_grace_seconds``), trust-on-first-use resets and their controls (§13), records of other
     `aws:` roles, state-change notifications, bare records; IMDSv1 sessions' Low findings unless
-    ``imdsv1_findings`` is false. ``part2=False`` makes the worlds of part one (byte for byte, but for
+    ``imdsv1_findings`` is false. A record whose label depends on the order in which it and a signal
+    (stop, start, address reset) or a first-use address are applied is at least ``settle_seconds`` of
+    eventTime (and arrival) away from them: a service reading several unkeyed partitions applies records
+    in neither exact arrival nor exact time order (within its reorder window), while one replay can be
+    held to the edge (``settle_seconds=0``: records just past stop + grace). ``duplicate_signals`` delivers
+    every record carrying a lifecycle or address signal a second time, later (same eventID: it must change
+    nothing). ``part2=False`` makes the worlds of part one (byte for byte, but for
     one more kind of malformed line), whose expected findings leave out IMDSv1.
     """
     gen = _Gen(
         seed, n_accounts, instances_per_account, min_per_kind, n_files, malformed_lines, duplicates, noise, hours,
-        part2, stop_grace_seconds, imdsv1_findings,
+        part2, stop_grace_seconds, imdsv1_findings, settle_seconds, duplicate_signals,
     )  # fmt: skip
     gen.build_accounts()
     gen.build_sessions()
