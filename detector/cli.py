@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
 
 import click
 
@@ -35,38 +37,91 @@ def cli() -> None:
     "--imdsv1-findings/--no-imdsv1-findings", default=True, show_default=True, envvar="DETECTOR_IMDSV1_FINDINGS",
     help="SPEC §13: a Low finding for credentials delivered by IMDSv1.",
 )  # fmt: skip
+@click.option(
+    "--since", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
+    help="s3:// inputs: first day (YYYY-MM-DD, inclusive) of CloudTrail's .../CloudTrail/<region>/YYYY/MM/DD/ "
+    "layout to read; keys outside that layout are then skipped.",
+)  # fmt: skip
+@click.option("--until", type=click.DateTime(formats=["%Y-%m-%d"]), default=None, help="s3:// inputs: last day (inclusive), as --since.")
+@click.option(
+    "--finding-format", type=click.Choice(["guardduty", "ocsf"], case_sensitive=False), default="guardduty",
+    show_default=True, help="GuardDuty-shaped findings, or OCSF 1.3 Detection Findings (class_uid 2004).",
+)  # fmt: skip
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress on standard error when it is a terminal.")
 @click.argument("inputs", nargs=-1, required=True)
 def replay(
     registry_path: str | None, ip_ranges: str | None, output: str, session_ttl: float, max_sessions: int,
-    jobs: int | None, stop_grace_seconds: float, imdsv1_findings: bool, inputs: tuple[str, ...],
+    jobs: int | None, stop_grace_seconds: float, imdsv1_findings: bool, since: Any, until: Any, finding_format: str,
+    progress: bool, inputs: tuple[str, ...],
 ) -> None:  # fmt: skip
-    """Replay CloudTrail INPUTS (files, directories, .gz, '-' for stdin) and print the final findings."""
+    """Replay CloudTrail INPUTS (files, directories, .gz, '-' for stdin, s3://bucket/prefix) and print the final findings.
+
+    \b
+    s3:// inputs: every object under the prefix named like a log file (.json, .jsonl, either .gz), in
+    key order, streamed (credentials, region and AWS_ENDPOINT_URL from the standard AWS chain). An
+    object that cannot be read is counted as malformed and the replay goes on; a bucket that cannot be
+    listed is an error (exit 2). Inputs are read in the order given, local and s3:// mixed.
+    """
     import orjson
 
     from .core.engine import Engine
     from .core.state import DetectorState, EngineConfig
     from .ipranges import IpRangesError, load
     from .registry import RegistryError, load_registry
-    from .replay import InputError, Replayer, default_jobs, write_findings
+    from .replay import InputError, Replayer, default_jobs, expand_inputs, write_findings
 
+    if since and until and since > until:
+        click.echo(f"detector replay: error: --since {since:%Y-%m-%d} is after --until {until:%Y-%m-%d}", err=True)
+        sys.exit(2)
+    remote_urls = [item for item in inputs if item.startswith("s3://")]
+    if (since or until) and not remote_urls:
+        click.echo("detector replay: warning: --since/--until select days of s3:// inputs only; local inputs are read whole", err=True)
+    s3 = None
+    display = None
     try:
         registry = load_registry(registry_path)
         ranges, _ = load(ip_ranges)
         engine = Engine(registry, ranges, stop_grace_seconds=stop_grace_seconds, imdsv1_findings=imdsv1_findings)
         state = DetectorState(EngineConfig(session_ttl_seconds=session_ttl, max_sessions=max_sessions))
         replayer = Replayer(engine, state, jobs=default_jobs() if jobs is None else jobs)
-        summary = replayer.run(list(inputs))
+        from .progress import Progress, ProgressDisplay
+
+        counters = Progress(listing_done=not remote_urls)
+        if remote_urls:
+            from .s3input import S3Inputs
+
+            s3 = S3Inputs(remote_urls, since.date() if since else None, until.date() if until else None, counters)
+            s3.start()  # list at once: a missing bucket fails before any replay work, and totals come early
+        for name in expand_inputs([item for item in inputs if not item.startswith("s3://")]):
+            counters.objects_total += 1
+            counters.bytes_total += os.path.getsize(name) if name != "-" else 0
+        if progress and sys.stderr.isatty():
+            display = ProgressDisplay(counters, lambda: replayer.summary.records, sys.stderr).start()
+        try:
+            summary = replayer.run(list(inputs), s3.sources if s3 else None, counters)
+        finally:
+            if display is not None:
+                display.stop()
+            if s3 is not None:
+                s3.close()
     except (RegistryError, IpRangesError, InputError) as exc:
         click.echo(f"detector replay: error: {exc}", err=True)
         sys.exit(2)
-    findings = replayer.findings()
+    findings = replayer.iter_findings(finding_format.lower())
     if output == "-":
         write_findings(findings, sys.stdout.buffer)
         sys.stdout.flush()
     else:
         with open(output, "wb") as out:
             write_findings(findings, out)
-    click.echo(orjson.dumps({"summary": summary.as_dict()}).decode(), err=True)
+    report = summary.as_dict()
+    if remote_urls:
+        report["s3"] = {
+            "objects": counters.objects_total,
+            "bytes": counters.bytes_total,
+            "skipped_outside_layout": counters.skipped_outside_layout,
+        }
+    click.echo(orjson.dumps({"summary": report}).decode(), err=True)
 
 
 @cli.group("registry")
@@ -196,16 +251,31 @@ def ip_ranges_update(url: str | None, output: str | None, force: bool, timeout: 
 
 
 class SettingsCommand(click.Command):
-    """A command taking every service setting as a flag (see detector.service.settings.settings_params).
+    """A command taking every setting of a settings class as a flag (see detector.service.settings.settings_params):
+    ``detector run``'s by default, another one named by ``settings_class="module:Class"``.
 
     The flags are built on first use, so that the other subcommands never import pydantic.
     """
+
+    def __init__(self, *args: Any, settings_class: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings_class = settings_class
+
+    def settings_cls(self) -> Any:
+        import importlib
+
+        from .service.settings import Settings
+
+        if self.settings_class is None:
+            return Settings
+        module, _, name = self.settings_class.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         if not getattr(self, "_settings_params_added", False):
             from .service.settings import settings_params
 
-            self.params.extend(settings_params())
+            self.params.extend(settings_params(self.settings_cls()))
             self._settings_params_added = True
         return super().get_params(ctx)
 
@@ -217,28 +287,109 @@ def run(**kwargs: object) -> None:
     Every setting is a flag, a DETECTOR_* environment variable and a key of the TOML --config file
     (precedence: defaults < file < environment < flags).
     """
-    import asyncio
+    from .service.settings import Settings
 
-    from .service.app import StartupError, serve
+    serve_command("run", kwargs, Settings, "detector.service.app")
+
+
+def serve_command(command: str, kwargs: dict[str, object], cls: type, module: str) -> None:
+    """The tail of every long-running command: settings of ``cls`` from flags/env/file, logging, the event
+    loop running ``module.serve(settings)``, exit 2 on a configuration or ``module.StartupError``."""
+    import asyncio
+    import importlib
+
     from .service.logging import configure_logging
     from .service.settings import SettingsError, settings_from_cli
 
     try:
-        settings = settings_from_cli(kwargs)
+        settings = settings_from_cli(kwargs, cls)
     except SettingsError as exc:
-        click.echo(f"detector run: configuration error: {exc}", err=True)
+        click.echo(f"detector {command}: configuration error: {exc}", err=True)
         sys.exit(2)
     configure_logging(settings.log_level, settings.log_format)
     if settings.use_uvloop:
         import uvloop
 
         uvloop.install()
+    target = importlib.import_module(module)
     try:
-        code = asyncio.run(serve(settings))
-    except StartupError as exc:
-        click.echo(f"detector run: start-up error: {exc}", err=True)
+        code = asyncio.run(target.serve(settings))
+    except target.StartupError as exc:
+        click.echo(f"detector {command}: start-up error: {exc}", err=True)
         sys.exit(2)
     sys.exit(code)
+
+
+def _serve_outputs(command: str, settings_class: str, build: str, kwargs: dict[str, Any], log_stream: Any = None) -> None:
+    """Start one findings-topic consumer (export, respond): settings, logging, the loop; exit with its status."""
+    import asyncio
+    import importlib
+
+    from .outputs.consumer import serve
+    from .service.logging import configure_logging
+    from .service.settings import SettingsError, settings_from_cli
+
+    module, _, name = settings_class.partition(":")
+    try:
+        settings = settings_from_cli(kwargs, getattr(importlib.import_module(module), name))
+    except SettingsError as exc:
+        click.echo(f"detector {command}: configuration error: {exc}", err=True)
+        sys.exit(2)
+    configure_logging(settings.log_level, settings.log_format, stream=log_stream)
+    module, _, name = build.partition(":")
+    consumer = getattr(importlib.import_module(module), name)(settings)
+    sys.exit(asyncio.run(serve(consumer)))
+
+
+@cli.group("export")
+def export_group() -> None:
+    """Export findings from the findings topic to other security tools."""
+
+
+@export_group.command(
+    "securityhub", cls=SettingsCommand, settings_class="detector.outputs.settings:ExportSettings",
+    context_settings={"show_default": False},
+)  # fmt: skip
+def export_securityhub(**kwargs: Any) -> None:
+    """Consume the findings topic and import every finding into AWS Security Hub (ASFF) in its home account.
+
+    BatchImportFindings into the custom-integration product of the importing account, 100 at a time,
+    retried on throttling; a finding's later states replace the earlier one (UpdatedAt only moves
+    forward). Offsets are committed only after the import. docs/operations.md explains the IAM rights.
+    """
+    _serve_outputs("export securityhub", "detector.outputs.settings:ExportSettings", "detector.outputs.export:exporter", kwargs)
+
+
+@cli.command(cls=SettingsCommand, settings_class="detector.outputs.settings:RespondSettings", context_settings={"show_default": False})
+def respond(**kwargs: Any) -> None:
+    """Consume the findings topic and contain each new High (8) finding with an inline IAM deny policy.
+
+    The policy, on the instance role in the finding's home account, denies the stolen credentials of
+    that one instance (by source address, VPC endpoint, or token issue time) without stopping it.
+    DRY RUN unless --apply: the policy it would attach is printed as one JSON line per role on standard
+    output (logs go to standard error). --role-name-pattern limits the roles it may touch.
+    See docs/runbook.md (what it blocks and how to lift it).
+    """
+    _serve_outputs("respond", "detector.outputs.settings:RespondSettings", "detector.outputs.respond:responder", kwargs, sys.stderr)
+
+
+@cli.command(
+    cls=SettingsCommand, settings_class="detector.ingest.settings:IngestSettings", context_settings={"show_default": False}
+)
+@click.option("--queue-url", "queue_url", multiple=True, metavar="URL", help="SQS queue to read; repeat for several (added to --queue-urls).")
+def ingest(queue_url: tuple[str, ...], **kwargs: object) -> None:
+    """Bridge AWS to Kafka: long-poll SQS queues of EventBridge events and S3 notifications of CloudTrail
+    log files, produce every record to the input topic keyed by instance ID (SPEC §14).
+
+    AWS credentials, region and AWS_ENDPOINT_URL come from the standard AWS chain. Every other setting is a
+    flag, a DETECTOR_* environment variable and a key of the TOML --config file (see docs/configuration.md).
+    """
+    from .ingest.settings import IngestSettings
+
+    if queue_url:
+        given = [u for u in str(kwargs.get("queue_urls") or "").split(",") if u]
+        kwargs["queue_urls"] = ",".join([*given, *queue_url])
+    serve_command("ingest", kwargs, IngestSettings, "detector.ingest.bridge")
 
 
 @cli.command()
@@ -250,7 +401,8 @@ def demo(timeout: float) -> None:
     from .demo import run_demo
     from .service.logging import configure_logging
 
-    configure_logging("warning", "console")
+    # Errors only: the screen is the table; malformed input is summed up in one line, not logged per record.
+    configure_logging("error", "console")
     sys.exit(asyncio.run(run_demo(sys.stdout, timeout=timeout)))
 
 

@@ -92,6 +92,8 @@ async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
+    from .service.app import describe_settled
+
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -102,8 +104,18 @@ async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
                 await admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
+            await describe_settled(admin, [t.name for t in new])  # usable once this returns
     finally:
         await admin.close()
+
+
+def dead_letter_line(reasons: dict[str, int], topic: str) -> str:
+    """The demo's one line about malformed input: how many dead letters, by reason."""
+    total = sum(reasons.values())
+    if not total:
+        return f"dead letters: none (topic {topic})"
+    by_reason = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
+    return f"dead letters: {total} malformed input(s) on topic {topic} ({by_reason})"
 
 
 async def run_demo(out: TextIO, timeout: float = 60.0) -> int:
@@ -133,10 +145,11 @@ async def run_demo(out: TextIO, timeout: float = 60.0) -> int:
         service = DetectorService(settings)
         runner = asyncio.create_task(service.run())
         subscriber = AIOKafkaConsumer(
-            settings.findings_topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest"
+            settings.findings_topic, settings.dlq_topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest"
         )
         await subscriber.start()
         latest: dict[str, dict[str, Any]] = {}
+        dead: dict[str, int] = {}  # dead letters by reason: one summary line, not a line each
         try:
             await produce_values(broker.bootstrap, "cloudtrail", world_messages(world))
             out.write(format_table([]) + "\n")
@@ -146,6 +159,10 @@ async def run_demo(out: TextIO, timeout: float = 60.0) -> int:
                 batch = await subscriber.getmany(timeout_ms=250)
                 for messages in batch.values():
                     for msg in messages:
+                        if msg.topic == settings.dlq_topic:
+                            reason = dict(msg.headers or ()).get("detector.error.reason", b"unknown").decode()
+                            dead[reason] = dead.get(reason, 0) + 1
+                            continue
                         finding = orjson.loads(msg.value)
                         if finding["id"] not in latest:
                             out.write(format_row(table_row(finding)) + "\n")
@@ -158,6 +175,7 @@ async def run_demo(out: TextIO, timeout: float = 60.0) -> int:
             service.stop()
             await runner
             await subscriber.stop()
+        out.write("\n" + dead_letter_line(dead, settings.dlq_topic) + "\n")
         out.write(f"\nfinal state of {len(latest)} finding(s) on topic {settings.findings_topic}:\n")
         print_table(sorted(latest.values(), key=lambda f: f["service"]["eventFirstSeen"]), out)
     return 0 if len(latest) >= expected else 1

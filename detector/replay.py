@@ -21,19 +21,21 @@ import sys
 import time
 import zlib
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 import msgspec
 import orjson
+from msgspec import UNSET
 
 from .core.engine import Engine, MalformedRecord
 from .core.findings import render
 from .core.prefilter import may_matter
 from .core.records import (
-    _FAST_ERRORS, KEEP_NAMES, SKIPPED, Decoded, FastDecoder, FastRecord, classify, decode, detail_of, fast_ok,
+    _FAST_ERRORS, CLOUDTRAIL_DETAIL_TYPES, KEEP_NAMES, SKIPPED, STATE_CHANGE, Decoded, FastDecoder, FastRecord,
+    classify, decode, fast_ok,
 )  # fmt: skip
 from .core.state import DetectorState, FindingGroup
 
@@ -89,6 +91,17 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return out
 
 
+def _gunzip_if_gzip(handle: BinaryIO) -> BinaryIO:
+    """``handle``, or a decompressing reader over it when its first bytes are gzip's magic number.
+    ``handle`` must be seekable or have ``peek`` (a buffered reader)."""
+    if hasattr(handle, "peek") and not handle.seekable():
+        head = handle.peek(2)[:2]
+    else:
+        head = handle.read(2)
+        handle.seek(0)
+    return gzip.GzipFile(fileobj=handle) if head == b"\x1f\x8b" else handle  # type: ignore[return-value]
+
+
 def _open(name: str) -> BinaryIO:
     if name == "-":
         raw: BinaryIO = sys.stdin.buffer
@@ -98,11 +111,54 @@ def _open(name: str) -> BinaryIO:
         handle: BinaryIO = open(name, "rb")  # noqa: SIM115 - closed by the caller
     except OSError as exc:
         raise InputError(f"{name}: cannot open ({exc.strerror or exc})") from None
-    if handle.read(2) == b"\x1f\x8b":
-        handle.seek(0)
-        return gzip.GzipFile(fileobj=handle)  # type: ignore[return-value]
-    handle.seek(0)
-    return handle
+    return _gunzip_if_gzip(handle)
+
+
+@dataclass
+class Source:
+    """One input of a replay, local or remote: its name (a path, ``-``, ``s3://bucket/key``), how to open
+    its bytes (gzip is recognised by its magic number), and what an unreadable one means.
+
+    ``tolerant``: a source that fails while it is read (a corrupt or vanished S3 object) is counted as
+    malformed (reason ``unreadable_input``) and the replay goes on; a local file that cannot be read is
+    an error, as before. ``local``: a file of this machine (a large plain one may be split, ``--jobs``).
+    ``done`` is called once the source has been read (or has failed)."""
+
+    name: str
+    open: Callable[[], BinaryIO]
+    size: int | None = None
+    tolerant: bool = False
+    local: bool = True
+    done: Callable[[], None] | None = None
+
+
+def local_source(name: str) -> Source:
+    size = None
+    if name != "-":
+        try:
+            size = os.stat(name).st_size
+        except OSError:
+            size = None
+    return Source(name, lambda: _open(name), size)
+
+
+def iter_sources(inputs: list[str], remote: Callable[[str], Iterator[Source]] | None = None) -> Iterator[Source]:
+    """The inputs' sources in the order given: a directory expanded (sorted paths), an ``s3://`` URL
+    by ``remote`` (its objects in key order). Local paths are checked before anything is read."""
+    expanded: list[list[str] | str] = []
+    for item in inputs:
+        if item.startswith("s3://"):
+            if remote is None:
+                raise InputError(f"{item}: s3:// inputs are not available here")
+            expanded.append(item)
+        else:
+            expanded.append(expand_inputs([item]))
+    for entry in expanded:
+        if isinstance(entry, str):
+            yield from remote(entry)  # type: ignore[misc]
+        else:
+            for name in entry:
+                yield local_source(name)
 
 
 def _lines(handle: IO[bytes]) -> Iterator[Decoded]:
@@ -199,9 +255,15 @@ def scan_lines(
                     env = eventbridge(line)
                 except _FAST_ERRORS:
                     result = as_record(line, True)
-                else:
-                    result = detail_of(env)
-                    if result is SKIPPED:
+                else:  # records.detail_of, inlined
+                    kind = env.detail_type
+                    if kind in CLOUDTRAIL_DETAIL_TYPES:
+                        result = env.detail
+                        if result.eventVersion is UNSET and result.eventTime is None:
+                            result = None  # neither eventVersion nor eventTime: the reference decides
+                    elif kind == STATE_CHANGE:
+                        result = None  # lifecycle input (SPEC §10), decoded by the reference path
+                    else:
                         skipped += 1
                         continue
             else:
@@ -291,8 +353,11 @@ def _scan_process(fd: int, size: int, sender: Any) -> None:
 class Replayer:
     """Drives the core over decoded inputs and keeps the final state of every finding group."""
 
-    def __init__(self, engine: Engine, state: DetectorState | None = None, jobs: int = 1) -> None:
+    def __init__(
+        self, engine: Engine, state: DetectorState | None = None, jobs: int = 1, warn: Callable[[str], None] | None = None
+    ) -> None:
         self.engine = engine
+        self.warn = warn or (lambda message: print(f"detector replay: warning: {message}", file=sys.stderr))
         self.state = state or DetectorState()
         self.jobs = jobs
         self.summary = Summary()
@@ -429,11 +494,11 @@ class Replayer:
                 scanner.terminate()
             scanner.join()
 
-    def _split_size(self, name: str, handle: BinaryIO) -> int:
-        """The size of ``name`` when it is to be replayed in two processes (:meth:`_feed_lines_split`):
-        ``jobs`` >= 2, a plain file (not standard input, not gzip) of at least ``SPLIT_MIN_BYTES``,
+    def _split_size(self, source: Source, handle: BinaryIO) -> int:
+        """The size of ``source`` when it is to be replayed in two processes (:meth:`_feed_lines_split`):
+        ``jobs`` >= 2, a plain local file (not standard input, not gzip) of at least ``SPLIT_MIN_BYTES``,
         and ``fork`` available; else 0."""
-        if self.jobs < 2 or name == "-" or not isinstance(handle, io.BufferedReader):
+        if self.jobs < 2 or not source.local or source.name == "-" or not isinstance(handle, io.BufferedReader):
             return 0
         size = os.fstat(handle.fileno()).st_size
         if size < SPLIT_MIN_BYTES:
@@ -442,12 +507,13 @@ class Replayer:
 
         return size if "fork" in multiprocessing.get_all_start_methods() else 0
 
-    def _feed_file(self, name: str) -> None:
-        handle = _open(name)
+    def _feed_source(self, source: Source) -> None:
+        name = source.name
+        handle = source.open()
         try:
             lowered = name.lower()
             if name == "-" or lowered.endswith((".jsonl", ".jsonl.gz")):
-                size = self._split_size(name, handle)
+                size = self._split_size(source, handle)
                 if size:
                     self._feed_lines_split(name, handle, size)
                 else:
@@ -467,23 +533,46 @@ class Replayer:
                 return
             self.feed_reference(classify(value), data)
         except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: corrupt deflate data
-            raise InputError(f"{name}: cannot read ({exc})") from None
+            if not source.tolerant:
+                raise InputError(f"{name}: cannot read ({exc})") from None
+            self._malformed("unreadable_input")
+            self.warn(f"{name}: cannot read ({exc}); counted as malformed (unreadable_input), replay goes on")
         finally:
             if handle is not sys.stdin.buffer:
                 handle.close()
+            if source.done is not None:
+                source.done()
 
-    def run(self, inputs: list[str]) -> Summary:
-        for name in expand_inputs(inputs):
+    def run(
+        self, inputs: list[str], remote: Callable[[str], Iterator[Source]] | None = None, progress: Any = None
+    ) -> Summary:
+        """Replay ``inputs`` in the order given; ``remote`` expands an ``s3://`` URL into its objects;
+        ``progress`` (a :class:`detector.progress.Progress`) counts the local inputs done."""
+        for source in iter_sources(inputs, remote):
             self.summary.inputs += 1
-            self._feed_file(name)
+            self._feed_source(source)
+            if progress is not None and source.local:
+                progress.objects_done += 1
+                progress.bytes_done += source.size or 0
         self.summary.instance_records = self.engine.counters.instance_records
         self.summary.findings = len(self.final)
         return self.summary
 
-    def findings(self) -> list[dict[str, Any]]:
-        return [render(group) for group in self.final.values()]
+    def findings(self, finding_format: str = "guardduty") -> list[dict[str, Any]]:
+        """The final state of every finding group: GuardDuty-shaped, or (``ocsf``) an OCSF 1.3 Detection
+        Finding, activity Create (a replay writes each group once: its first and only publication)."""
+        return list(self.iter_findings(finding_format))
+
+    def iter_findings(self, finding_format: str = "guardduty") -> Iterator[dict[str, Any]]:
+        """:meth:`findings`, rendered one at a time (a replay with many groups — SPEC §13's IMDSv1 findings
+        are one per session — never holds every rendered finding at once)."""
+        if finding_format == "ocsf":
+            from .core.ocsf import to_ocsf
+
+            return (to_ocsf(render(group), new=True) for group in self.final.values())
+        return (render(group) for group in self.final.values())
 
 
-def write_findings(findings: list[dict[str, Any]], out: IO[bytes]) -> None:
+def write_findings(findings: Iterable[dict[str, Any]], out: IO[bytes]) -> None:
     for finding in findings:
         out.write(orjson.dumps(finding) + b"\n")

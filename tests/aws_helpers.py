@@ -160,3 +160,103 @@ def cli_env(keys: dict[str, str]) -> dict[str, str]:
         AWS_EC2_METADATA_DISABLED="true",
     )
     return env
+
+
+@dataclass
+class Fault:
+    """Answer the next ``times`` requests that ``match`` with ``status`` and ``body`` instead of moto's."""
+
+    match: Any  # (method, path, body) -> bool
+    status: int
+    body: bytes
+    times: int
+    content_type: str = "application/json"
+    served: int = 0
+
+
+def throttle_json(service_call: str, times: int) -> Fault:
+    """Security Hub (REST-JSON) answering HTTP 429 TooManyRequestsException to ``POST <path>``."""
+    body = json.dumps({"__type": "TooManyRequestsException", "message": "Rate exceeded"}).encode()
+    return Fault(lambda m, p, b: m == "POST" and p.startswith(service_call), 429, body, times)
+
+
+def query_error(action: str, code: str, status: int, times: int, message: str = "injected by the test proxy") -> Fault:
+    """A query-protocol service (IAM, STS) answering ``Action=<action>`` with an ``ErrorResponse``."""
+    body = (
+        f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>"
+        f"<RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
+    ).encode()
+    return Fault(lambda m, p, b: m == "POST" and f"Action={action}".encode() in b, status, body, times, "text/xml")
+
+
+class FaultProxy:
+    """A real HTTP proxy in front of the moto server: forwards every request, except that it answers the
+    ones matched by its faults (throttling, IAM LimitExceeded ...) itself, a given number of times."""
+
+    def __init__(self, target: str) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.faults: list[Fault] = []
+        self.lock = threading.Lock()
+        upstream = urlsplit(target)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fault = proxy._take(self.command, self.path, body)
+                if fault is not None:
+                    self._answer(fault.status, {"Content-Type": fault.content_type}, fault.body)
+                    return
+                conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    answer = conn.getresponse()
+                    data = answer.read()
+                    kept = {k: v for k, v in answer.getheaders()
+                            if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length")}  # fmt: skip
+                    self._answer(answer.status, kept, data)
+                finally:
+                    conn.close()
+
+            def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _take(self, method: str, path: str, body: bytes) -> Fault | None:
+        with self.lock:
+            for fault in self.faults:
+                if fault.served < fault.times and fault.match(method, path, body):
+                    fault.served += 1
+                    return fault
+        return None
+
+    def add(self, fault: Fault) -> Fault:
+        with self.lock:
+            self.faults.append(fault)
+        return fault
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -52,3 +52,24 @@ def run_detector() -> Callable[..., subprocess.CompletedProcess[bytes]]:
         )
 
     return run
+
+
+# -- the Kafka test broker (tests/kafka_support.py): one per session, named in the header and summary ---
+@pytest.fixture(scope="session")
+def kafka_session_broker(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from kafka_support import session_broker
+
+    yield from session_broker(tmp_path_factory)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from kafka_support import planned_broker
+
+    return f"kafka test broker: {planned_broker()}"
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    from kafka_support import SESSION_BROKER
+
+    for line in SESSION_BROKER:
+        terminalreporter.write_line(line)

@@ -464,7 +464,7 @@ def test_kustomization_lists_every_manifest() -> None:
     assert set(kustomization["resources"]) == files
     kinds = {d["kind"] for _, d in k8s_documents()}
     assert {"Deployment", "ConfigMap", "Secret", "Service", "PodDisruptionBudget"} <= kinds
-    (container,) = k8s("Deployment")["spec"]["template"]["spec"]["containers"]
+    (container,) = k8s("Deployment", "detector")["spec"]["template"]["spec"]["containers"]
     assert container["image"] in {i["name"] for i in kustomization.get("images", [])}
 
 
@@ -478,11 +478,11 @@ def test_kubernetes_manifests_validate(version: str) -> None:
         except kubernetes_validate.ValidationError as exc:  # pragma: no cover - the failure message
             pytest.fail(f"{path.name}: {doc['kind']} {doc['metadata'].get('name')}: {exc}")
     # the validator is really checking: a wrong type and an unknown field are rejected
-    deployment = copy.deepcopy(k8s("Deployment"))
+    deployment = copy.deepcopy(k8s("Deployment", "detector"))
     deployment["spec"]["replicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, version, strict=True)
-    deployment = copy.deepcopy(k8s("Deployment"))
+    deployment = copy.deepcopy(k8s("Deployment", "detector"))
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, version, strict=True)
@@ -509,7 +509,7 @@ def k8s_env(deployment: dict[str, Any]) -> dict[str, str]:
 
 
 def test_kubernetes_settings_are_real_and_valid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    deployment = k8s("Deployment")
+    deployment = k8s("Deployment", "detector")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = k8s_env(deployment)
@@ -549,7 +549,7 @@ def test_kubernetes_settings_are_real_and_valid(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_kubernetes_security_and_wiring() -> None:
-    deployment = k8s("Deployment")
+    deployment = k8s("Deployment", "detector")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -576,6 +576,51 @@ def test_kubernetes_security_and_wiring() -> None:
         assert int(pdb["spec"]["minAvailable"]) < replicas, "a drain must be able to evict one pod"
     else:
         assert int(pdb["spec"]["maxUnavailable"]) >= 1
+
+
+OUTPUT_CONSUMERS = {  # Deployment -> (args, settings class)
+    "detector-export-securityhub": (["export", "securityhub"], "ExportSettings"),
+    "detector-respond": (["respond"], "RespondSettings"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OUTPUT_CONSUMERS))
+def test_kubernetes_output_consumers(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The findings-topic consumers: a real command, valid settings, probes, the same hardening as the detector."""
+    from detector.outputs import settings as output_settings
+
+    args, cls_name = OUTPUT_CONSUMERS[name]
+    deployment = k8s("Deployment", name)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == args and container["image"] == k8s("Deployment", "detector")["spec"]["template"]["spec"]["containers"][0]["image"]
+    resolve_command(args)
+    env = k8s_env(deployment)
+    cls = getattr(output_settings, cls_name)
+    own = {env_var(n) for n in cls.model_fields}
+    assert {k for k in env if k.startswith(ENV_PREFIX)} <= own, "only settings of this command"
+    assert set(env) - own == {"AWS_DEFAULT_REGION"}, "the region botocore reads"
+    for var in list(os.environ):
+        if var.upper().startswith(ENV_PREFIX):
+            monkeypatch.delenv(var)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    settings = load_settings(cls=cls)
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    assert settings.group_id != defaults["group_id"] and settings.findings_topic == defaults["findings_topic"]
+    assert pod["terminationGracePeriodSeconds"] > settings.grace_seconds
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == settings.http_port
+    for probe, path in (("livenessProbe", "/healthz"), ("startupProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"]["path"] == path
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    account = k8s("ServiceAccount", pod["serviceAccountName"])
+    assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"], "AWS credentials through IRSA"
+    if name == "detector-respond":
+        assert settings.apply is False, "the shipped manifest is a dry run"
+        assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
 
 
 # ======================================================================================================
@@ -681,7 +726,29 @@ def exported_metrics(broker: EmbeddedBroker) -> set[str]:  # noqa: F811
             service.stop()
             await asyncio.wait_for(task, timeout=30)
 
-    text = asyncio.run(scrape())
+    async def scrape_outputs() -> list[str]:
+        from detector.outputs.export import exporter
+        from detector.outputs.respond import responder
+        from detector.outputs.settings import ExportSettings, RespondSettings
+
+        texts = []
+        for cls, build in ((ExportSettings, exporter), (RespondSettings, responder)):
+            prefix = unique("deploy-metrics")
+            consumer = build(cls(kafka_bootstrap=broker.bootstrap, findings_topic=f"{prefix}.findings", group_id=prefix,
+                                 http_port=0, log_level="warning"))  # fmt: skip
+            task = asyncio.create_task(consumer.run())
+            try:
+                await wait_until(lambda c=consumer: c.http is not None and c.http.port != 0, timeout=30)
+                async with aiohttp.ClientSession() as http:
+                    async with http.get(f"http://127.0.0.1:{consumer.http.port}/metrics") as resp:
+                        assert resp.status == 200
+                        texts.append(await resp.text())
+            finally:
+                consumer.stop()
+                await asyncio.wait_for(task, timeout=30)
+        return texts
+
+    text = asyncio.run(scrape()) + "".join(asyncio.run(scrape_outputs()))
     names: set[str] = set()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count"), "info": ("_info",)}
     for family in text_string_to_metric_families(text):
@@ -717,6 +784,7 @@ def test_alert_rules_cover_the_operational_signals() -> None:
     for metric in (
         "detector_ready", "detector_consumer_lag", "detector_dead_letters_total", "detector_registry_reloads_total",
         "detector_commit_failures_total", "detector_broker_errors_total", "detector_findings_total",
+        "detector_export_failed_total", "detector_respond_failed_total",
     ):
         assert metric in by_metric, f"no alert on {metric}"
     lag_exprs = " ".join(r["expr"] for r in by_metric["detector_consumer_lag"])

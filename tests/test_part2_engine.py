@@ -430,3 +430,72 @@ def test_finding_ids_of_part_one_are_unchanged() -> None:
         material = "\x1f".join((INSIDE_AWS, key, remote or ""))
         assert finding_id(INSIDE_AWS, key, remote) == hashlib.sha256(material.encode()).hexdigest()[:32]
     assert finding_id(OTHER_INSTANCE, key, None, J) != finding_id(OTHER_INSTANCE, key, None, K)
+
+
+def test_a_reloaded_registry_brings_its_inventory_into_force() -> None:
+    engine, state = Engine(REGISTRY, AWS), DetectorState()
+    assert [c.group.type for c in engine.apply(state, rec("54.0.0.77", time=t(0)))] == [OUTSIDE_AWS]
+    engine.registry = INVENTORY  # what the service's hot reload does
+    assert [c.group.type for c in engine.apply(state, rec("54.0.0.77", time=t(1)))] == [OTHER_INSTANCE]
+
+
+def test_log_files_of_bare_records_take_the_fast_decoder() -> None:
+    bare = [rec("8.8.8.8", time=t(i)) for i in range(3)]
+    for record in bare:
+        del record["eventVersion"]
+    raw = orjson.dumps({"Records": bare})
+    fast = FastDecoder().decode_document(raw)
+    assert fast is not None and len(fast) == 3
+    # an element that is no record (neither eventVersion nor eventTime): the reference decoder decides
+    raw = orjson.dumps({"Records": [*bare, {"userIdentity": {}}]})
+    assert FastDecoder().decode_document(raw) is None
+    assert decode(raw).malformed == ["bad_record"]
+
+
+def test_registry_check_names_file_key_and_problem_of_the_new_keys(run_detector: Any, tmp_path: Any) -> None:
+    good = tmp_path / "registry.json"
+    good.write_bytes(orjson.dumps(INVENTORY.to_mapping()))
+    proc = run_detector("registry", "check", good)
+    assert proc.returncode == 0, proc.stderr
+    summary = orjson.loads(proc.stdout)
+    assert (summary["instances"], summary["vpc_endpoints"]) == (5, 2)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[accounts.{HOME}.instances.{J}]\nvpc = "vpc-0123456789abcdef0"\nprivate = ["10.0.1.300"]\n')
+    proc = run_detector("registry", "check", bad)
+    assert proc.returncode != 0
+    assert f"{bad}: accounts.{HOME}.instances.{J}.private[0]: must be an IP address" in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("handoff", ["records", "offsets"])
+def test_split_replay_applies_lifecycle_records_as_one_process_does(handoff: str, tmp_path: Any, monkeypatch: Any) -> None:
+    """The two-process replay (a scanner passes on what may matter) keeps lifecycle records of anyone."""
+    import detector.replay
+    from detector.replay import Replayer
+
+    monkeypatch.setattr(detector.replay, "SPLIT_MIN_BYTES", 1)
+    monkeypatch.setattr(detector.replay, "SPLIT_HANDOFF", handoff)
+    records = [rec("52.1.2.3", time=t(0), access_key=OLD_KEY), {"detail-type": "Scheduled Event", "detail": {}},
+               ec2_call("StopInstances", [I], t(10)), bid_evicted(J, t(10)), state_change(K, "stopped", t(10)),
+               rec("8.8.8.8", time=t(30), access_key=OLD_KEY), rec("8.8.4.4", instance=J, time=t(30)),
+               rec("8.8.4.4", instance=K, time=t(30), delivery="1.0")]  # fmt: skip
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(r) for r in records) + b"\n")
+    results = []
+    for jobs in (1, 2):
+        replayer = Replayer(Engine(REGISTRY, AWS), DetectorState(), jobs=jobs)
+        replayer.run([str(path)])
+        results.append(sorted((f["type"], f["resource"]["instanceDetails"]["instanceId"]) for f in replayer.findings()))
+    assert results[0] == results[1]
+    assert [i for kind, i in results[0] if kind == AFTER_STOP] == sorted([I, J, K])
+
+
+def test_over_the_findings_cap_low_groups_go_first() -> None:
+    from detector.core import EngineConfig
+
+    engine = Engine(REGISTRY, AWS)
+    state = DetectorState(EngineConfig(max_findings=2))
+    engine.apply(state, rec("8.8.8.8", time=t(0)))  # OutsideAWS, the oldest group
+    for n, instance in enumerate((J, K)):  # two IMDSv1 groups, newer
+        engine.apply(state, rec("s3.amazonaws.com", instance=instance, time=t(1 + n), delivery="1.0"))
+    engine.apply(state, rec("s3.amazonaws.com", time=t(10, hour=9)))  # a sweep, an hour later
+    assert sorted(g.type for g in state.groups.values()) == [IMDSV1, OUTSIDE_AWS]

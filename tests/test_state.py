@@ -7,10 +7,6 @@ needs to look inside, and ``python -m detector run`` subprocesses where it must 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +14,11 @@ import aiohttp
 import orjson
 import pytest
 from kafka_support import (  # noqa: F401 - fixtures
+    DetectorProcess,
     broker,
+    committed_offsets,
     create_topics,
+    end_offsets,
     finding_key,
     latest_findings,
     librdkafka_produce,
@@ -28,11 +27,10 @@ from kafka_support import (  # noqa: F401 - fixtures
     unique,
     wait_until,
 )
-from prometheus_client.parser import text_string_to_metric_families
 from worldgen import finding_group_key, make_world
 
 from detector.core.engine import INSIDE_AWS, session_parts
-from detector.embedded import EmbeddedBroker, free_port
+from detector.embedded import EmbeddedBroker
 from detector.service.app import DetectorService, StartupError
 from detector.service.settings import Settings
 
@@ -84,7 +82,9 @@ async def world_findings(services_count: int, world: Any, broker: EmbeddedBroker
     await create_topics(broker.bootstrap, {s.input_topics: 3})
     services = [DetectorService(s) for _ in range(services_count)]
     tasks = [asyncio.create_task(svc.run()) for svc in services]
-    await wait_until(lambda: all(svc.ready() for svc in services), timeout=60)
+    # a settled group: every instance owns input and state partitions (on Apache Kafka the second member's
+    # join takes a heartbeat or two to reach the first; a world produced before that is done before it)
+    await wait_until(lambda: all(svc.ready() and svc.route.assigned and svc.detect.assigned for svc in services), timeout=60)
     messages = world.messages()
     librdkafka_produce(broker.bootstrap, s.input_topics, messages)  # unkeyed, like an EventBridge bridge
     await wait_until(lambda: caught_up(services, total_records(messages)), timeout=90)
@@ -201,50 +201,7 @@ async def test_mismatched_internal_partition_counts_fail_clearly(broker: Embedde
 # --- killed for real: subprocesses and SIGKILL ---------------------------------------------------------
 
 
-class Process:
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.port = free_port()
-        env = dict(os.environ)
-        env.update(
-            {
-                "DETECTOR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-                "DETECTOR_INPUT_TOPICS": settings.input_topics,
-                "DETECTOR_FINDINGS_TOPIC": settings.findings_topic,
-                "DETECTOR_DLQ_TOPIC": settings.dlq_topic,
-                "DETECTOR_GROUP_ID": settings.group_id,
-                "DETECTOR_REGISTRY": str(settings.registry),
-                "DETECTOR_HTTP_PORT": str(self.port),
-                "DETECTOR_FINDING_UPDATE_SECONDS": str(settings.finding_update_seconds),
-                "DETECTOR_STATE_PARTITIONS": str(settings.state_partitions),
-                "DETECTOR_LOG_LEVEL": "info",
-            }
-        )
-        self.log = log.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "detector", "run"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    async def metrics(self) -> dict[str, float]:
-        try:
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"http://127.0.0.1:{self.port}/metrics") as resp:
-                    text = await resp.text()
-        except aiohttp.ClientError:
-            return {}
-        values: dict[str, float] = {}
-        for fam in text_string_to_metric_families(text):
-            for sample in fam.samples:
-                values[sample.name] = values.get(sample.name, 0.0) + sample.value
-        return values
-
-    async def ready(self) -> bool:
-        return (await self.metrics()).get("detector_ready", 0) == 1
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=20)
+Process = DetectorProcess  # ``python -m detector run`` on the test's settings, watched through /metrics
 
 
 async def test_sigkill_three_times_mid_stream_loses_no_finding(broker: EmbeddedBroker, tmp_path: Path) -> None:
@@ -265,15 +222,15 @@ async def test_sigkill_three_times_mid_stream_loses_no_finding(broker: EmbeddedB
                 await wait_until(lambda: _progressed(proc, before), timeout=60, interval=0.02)
                 proc.kill()
                 proc = Process(s, log)
-        # the last process reads only what was never committed: wait for both stages to drain
+        # the last process reads only what was never committed: wait for both stages to drain, i.e. to
+        # have committed every offset of the input and of the sessions topic
         async def drained() -> bool:
-            values = await proc.metrics()
-            lag = values.get("detector_consumer_lag", 1)
-            return bool(values) and values.get("detector_detect_records_total", 0) >= values.get(
-                "detector_repartitioned_total", 1
-            ) and lag == 0
+            for topic, group, n in ((s.input_topics, s.group_id, 3), (s.sessions_topic_name, s.detect_group_id, s.state_partitions)):
+                done = await committed_offsets(broker.bootstrap, group, topic, n)
+                if {p: c or 0 for p, c in done.items()} != await end_offsets(broker.bootstrap, topic, n):
+                    return False
+            return True
 
-        await asyncio.sleep(6)  # one gauge refresh of the consumer lag
         await wait_until(drained, timeout=90, interval=0.5)
         assert proc.terminate() == 0
     finally:
@@ -340,7 +297,13 @@ async def test_trust_on_first_use_baseline_survives_sigkill(broker: EmbeddedBrok
             return values.get("detector_detect_records_total", 0) >= 1 and values.get("detector_commits_total", 0) >= 2
 
         await wait_until(learnt_and_committed, timeout=60)
-        await asyncio.sleep(1.0)
+
+        async def detect_committed_all() -> bool:  # the learnt baseline is behind a committed offset
+            done = await committed_offsets(broker.bootstrap, s.detect_group_id, s.sessions_topic_name, s.state_partitions)
+            ends = await end_offsets(broker.bootstrap, s.sessions_topic_name, s.state_partitions)
+            return sum(ends.values()) >= 1 and {p: c or 0 for p, c in done.items()} == ends
+
+        await wait_until(detect_committed_all, timeout=30, interval=0.2)
         proc.kill()
         proc = Process(s, log)
         await wait_until(proc.ready, timeout=60)

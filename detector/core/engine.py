@@ -56,7 +56,7 @@ MEDIUM = 5
 LOW = 2
 
 DEFAULT_STOP_GRACE_SECONDS = 600.0
-MAX_API_PAIRS = 1024  # distinct eventSource/eventName pairs counted per group; the rest go to OTHER
+MAX_API_PAIRS = 1024  # distinct eventSource/eventName pairs counted per group (OTHER included)
 MAX_ERROR_CODES = 64
 OTHER = "\x00other"  # the key counting what is beyond those bounds
 
@@ -263,11 +263,13 @@ def signals(record: dict[str, Any]) -> tuple[str, list[str], str | None]:
     return "stop", ids, TERMINATED if name == "TerminateInstances" else STOPPED
 
 
-def record_instances(record: dict[str, Any]) -> list[str]:
+def record_instances(record: dict[str, Any], parts: Any = False) -> list[str]:
     """Every instance a record concerns (SPEC §10: its partitioning keys): the instance of its session,
-    the instance an issuance record issues credentials for, and the instances of its signals."""
+    the instance an issuance record issues credentials for, and the instances of its signals.
+    ``parts``: the record's :func:`session_parts` when the caller has them."""
     out: list[str] = []
-    parts = session_parts(record)
+    if parts is False:
+        parts = session_parts(record)
     if parts is not None:
         out.append(parts[4])
     else:
@@ -333,6 +335,7 @@ class Engine:
         self._registry = registry
         self._aws_ranges: AddressIndex[Any] = aws_ranges if aws_ranges is not None else AddressIndex()
         self._limit = _CACHE_LARGE  # entries per memo table (see _CACHE_LARGE), set by _fit
+        self._gids: dict[tuple[str, str, str | None, str | None], str] = {}  # finding ids of groups (a hash each)
 
     def _fit(self, state: DetectorState) -> None:
         """Size the memo tables for ``state``'s index (called on memo misses only)."""
@@ -646,9 +649,8 @@ class Engine:
             changes = []  # the session's own endpoint again: _decide's add_endpoint would change nothing
         else:
             changes = self._conclude(state, s, arn, home, origin, delivery, record, identity, event_ts)
-        lifecycle = state.lifecycle
-        entry = lifecycle.get(packed & _INSTANCE_KEY_MASK) if lifecycle else None
-        if entry is not None or delivery == "1.0" or self._instances:  # SPEC §11-§13, whatever the origin
+        entry = state.lifecycle_entry(packed & _INSTANCE_KEY_MASK) if state.lifecycle else None
+        if entry is not None or self._instances or (delivery == "1.0" and self.imdsv1_findings):  # §11-§13
             extra = self._part_two(state, s, arn, packed, home, origin, delivery, record, identity, event_ts, entry)
             if extra:
                 return changes + extra
@@ -696,8 +698,8 @@ class Engine:
         else:
             delivery = None
         changes = self._conclude(state, s, key, home, origin, delivery, record, identity, event_ts)
-        entry = state.lifecycle.get(packed & _INSTANCE_KEY_MASK) if state.lifecycle else None
-        if entry is not None or delivery == "1.0" or self._instances:
+        entry = state.lifecycle_entry(packed & _INSTANCE_KEY_MASK) if state.lifecycle else None
+        if entry is not None or self._instances or (delivery == "1.0" and self.imdsv1_findings):
             changes += self._part_two(state, s, key, packed, home, origin, delivery, record, identity, event_ts, entry)
         return changes
 
@@ -721,6 +723,8 @@ class Engine:
         if entry is not None:
             evidence = self._after_stop(entry, ix, s, event_ts, identity.get("accessKeyId"))
             if evidence is not None:
+                if origin[2] is not None:
+                    evidence["address"] = origin[2]
                 change = self._record_finding(
                     state, ix, s, key, record, identity, event_ts, origin, delivery, AFTER_STOP, None, HIGH,
                     evidence=evidence,
@@ -893,7 +897,12 @@ class Engine:
         other: str | None = None,
         evidence: dict[str, Any] | None = None,
     ) -> FindingChange | None:
-        gid = finding_id(finding_type, key, remote, other)
+        ids = self._gids
+        gid = ids.get((finding_type, key, remote, other))
+        if gid is None:
+            if len(ids) >= self._limit:
+                ids.clear()
+            gid = ids[(finding_type, key, remote, other)] = finding_id(finding_type, key, remote, other)
         group = state.groups.get(gid)
         event_id = record.get("eventID")
         new = group is None
@@ -964,19 +973,21 @@ class Engine:
 def _count_call(group: FindingGroup, record: Any) -> None:
     """SPEC §13: the group's eventSource/eventName pairs and errorCodes, counted (bounded)."""
     source, name = record.get("eventSource"), record.get("eventName")
-    source = source if isinstance(source, str) else ""
-    name = name if isinstance(name, str) else ""
+    pair = f"{source if type(source) is str else ''}\x1f{name if type(name) is str else ''}"
     calls = group.api_calls
-    by_name = calls.get(source)
-    if by_name is None or name not in by_name:
-        if sum(len(v) for v in calls.values()) >= MAX_API_PAIRS:
-            source, name = OTHER, OTHER
-        by_name = calls.setdefault(source, {})
-    by_name[name] = by_name.get(name, 0) + 1
+    count = calls.get(pair)
+    if count is not None:  # the usual case: a pair seen before
+        calls[pair] = count + 1
+    elif len(calls) < MAX_API_PAIRS:
+        calls[pair] = 1
+    else:
+        calls[OTHER] = calls.get(OTHER, 0) + 1
     code = record.get("errorCode")
     if code is not None:
         code = code if isinstance(code, str) else str(code)
         codes = group.error_codes
+        if codes is None:
+            codes = group.error_codes = {}
         if code not in codes and len(codes) >= MAX_ERROR_CODES:
             code = OTHER
         codes[code] = codes.get(code, 0) + 1

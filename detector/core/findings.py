@@ -89,16 +89,15 @@ def description(group: FindingGroup) -> str:
     )
 
 
-def api_calls(calls: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+def api_calls(calls: dict[str, int]) -> list[dict[str, Any]]:
     """SPEC §13: the 32 most frequent eventSource/eventName pairs with their counts, then — when there
     are more — one entry ``{"other": true, "pairs": <how many>, "count": <their records>}``."""
     pairs = sorted(
-        ((n, source, name) for source, names in calls.items() for name, n in names.items() if source != OTHER),
-        key=lambda p: (-p[0], p[1], p[2]),
+        ((n, *pair.split("\x1f", 1)) for pair, n in calls.items() if pair != OTHER), key=lambda p: (-p[0], p[1], p[2])
     )
     out: list[dict[str, Any]] = [{"eventSource": source, "eventName": name, "count": n} for n, source, name in pairs[:TOP_API_CALLS]]
     rest = pairs[TOP_API_CALLS:]
-    beyond = sum((calls.get(OTHER) or {}).values())
+    beyond = calls.get(OTHER, 0)
     if rest or beyond:
         out.append({"other": True, "pairs": len(rest) + (1 if beyond else 0), "count": sum(p[0] for p in rest) + beyond})
     return out

@@ -217,8 +217,7 @@ class FastRecord(msgspec.Struct, gc=False):
     serviceEventDetails: Any = None  # BidEvictedEvent: {"instanceIdSet": [...]}
 
     def get(self, name: str, default: Any = None) -> Any:
-        value = getattr(self, name, default)
-        return default if value is msgspec.UNSET else value
+        return getattr(self, name, default)  # (eventVersion may be UNSET: the engine never asks for it)
 
 
 def _complete(record: FastRecord) -> bool:

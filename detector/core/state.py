@@ -994,8 +994,8 @@ class FindingGroup:
         # SPEC part two
         "other_instance",  # §12: the other instance J of the group (type, session key, J)
         "evidence",  # §11/§12: the rule's evidence of the latest record (dict, additionalInfo fields)
-        "api_calls",  # §13: {eventSource: {eventName: count}} of the group's records
-        "error_codes",  # §13: {errorCode: count}
+        "api_calls",  # §13: {"<eventSource>\x1f<eventName>": count} of the group's records
+        "error_codes",  # §13: {errorCode: count}, None until the first errorCode
     )
 
     def __init__(self, **values: Any) -> None:
@@ -1003,8 +1003,6 @@ class FindingGroup:
             setattr(self, name, values.get(name))
         if self.api_calls is None:
             self.api_calls = {}
-        if self.error_codes is None:
-            self.error_codes = {}
 
     def to_data(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self.__slots__}
@@ -1058,6 +1056,7 @@ class DetectorState:
         "created",
         "_next_sweep",
         "lifecycle",
+        "_next_lifecycle_sweep",
     )
 
     def __init__(self, config: EngineConfig | None = None, track_changes: bool = False) -> None:
@@ -1076,6 +1075,7 @@ class DetectorState:
         # SPEC §11: per instance with a lifecycle signal, keyed by instance_bits(instance ID): a list
         # indexed by L_* (see Lifecycle below). Kept for the session TTL after its newest signal.
         self.lifecycle: dict[int, list[Any]] = {}
+        self._next_lifecycle_sweep = 0.0
 
     def advance(self, event_time: float) -> float:
         if event_time > self.stream_time:
@@ -1151,16 +1151,18 @@ class DetectorState:
             if self.track_changes:
                 self._note_removed(key_string(packed))
         lifecycle = self.lifecycle
-        if lifecycle:
+        if lifecycle and now >= self._next_lifecycle_sweep:
+            # A pass over every entry, so not every minute: an entry past its time is already ignored
+            # by lifecycle_entry(); this only frees the memory.
+            self._next_lifecycle_sweep = now + max(60.0, self.config.session_ttl_seconds / 16)
             for bits in [b for b, entry in lifecycle.items() if lifecycle_newest(entry) < horizon]:
-                del lifecycle[bits]
-                if self.track_changes:
-                    self.removed.add(LIFECYCLE_PREFIX + instance_text(bits))
-                    self.changed.discard(LIFECYCLE_PREFIX + instance_text(bits))
+                self.drop_lifecycle(bits)
         group_horizon = now - self.config.finding_ttl_seconds
         stale = [gid for gid, g in self.groups.items() if g.last_ts < group_horizon]
         if len(self.groups) - len(stale) > self.config.max_findings:
-            by_age = sorted(self.groups.values(), key=lambda g: g.last_ts)
+            # Over the cap: the least severe go first (SPEC §13's Low IMDSv1 groups can be many; they must
+            # not push High findings out of the state), the oldest first among equals.
+            by_age = sorted(self.groups.values(), key=lambda g: (g.severity or 0, g.last_ts))
             stale = [g.id for g in by_age[: len(self.groups) - self.config.max_findings]]
         for gid in stale:
             del self.groups[gid]
@@ -1171,8 +1173,24 @@ class DetectorState:
 
     # --- SPEC §11, §13: lifecycle signals -------------------------------------------------------------
 
-    def _lifecycle_entry(self, bits: int) -> list[Any]:
+    def lifecycle_entry(self, bits: int) -> list[Any] | None:
+        """The instance's lifecycle entry, None when it has none or it expired (a session TTL after its
+        newest signal; dropped then)."""
         entry = self.lifecycle.get(bits)
+        if entry is not None and lifecycle_newest(entry) < self.stream_time - self.config.session_ttl_seconds:
+            self.drop_lifecycle(bits)
+            return None
+        return entry
+
+    def drop_lifecycle(self, bits: int) -> None:
+        del self.lifecycle[bits]
+        if self.track_changes:
+            name = LIFECYCLE_PREFIX + instance_text(bits)
+            self.removed.add(name)
+            self.changed.discard(name)
+
+    def _lifecycle_entry(self, bits: int) -> list[Any]:
+        entry = self.lifecycle_entry(bits)
         if entry is None:
             entry = self.lifecycle[bits] = [None, None, None, None, None, None]
         if self.track_changes:

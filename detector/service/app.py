@@ -41,12 +41,13 @@ from .. import ipranges
 from ..core import changelog
 from ..core.engine import Engine, MalformedRecord, check_decidable, record_instances, session_parts
 from ..core.findings import render
+from ..core.ocsf import to_ocsf
 from ..core.ordering import Watermark, event_time_key, merge_runs, releasable
 from ..core.records import BAD_RECORD, INVALID_JSON, decode_fast, is_cloudtrail_record, is_state_change
 from ..core.state import DetectorState, EngineConfig, FindingGroup
 from ..registry import RegistryError, load_registry
 from .http import HttpServer
-from .kafka_config import consumer_kwargs, kafka_common_kwargs, producer_kwargs, transactions_enabled
+from .kafka_config import access_problem, consumer_kwargs, kafka_common_kwargs, producer_kwargs, transactions_enabled
 from .logging import record_context
 from .metrics import Metrics
 from .publisher import FindingPublisher
@@ -59,6 +60,8 @@ SOURCE_TOPIC = "detector.source.topic"
 SOURCE_PARTITION = "detector.source.partition"
 SOURCE_OFFSET = "detector.source.offset"
 ROUTED_INSTANCE = "detector.instance"  # on a routed copy of a record that concerns several instances
+BROKER_PROBE_SECONDS = 1.0  # once connected, the cluster is asked for its metadata this often ...
+BROKER_PROBE_TIMEOUT = 5.0  # ... and counted unreachable (``/readyz`` 503) when it does not answer in time
 CHANGELOG_CONFIG = {"cleanup.policy": "compact", "min.compaction.lag.ms": str(3600 * 1000)}
 
 Output = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]  # topic, value, key, headers, partition
@@ -83,6 +86,15 @@ def eventbridge_envelope(finding: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def finding_body(finding: dict[str, Any], new: bool, finding_format: str, envelope: bool) -> dict[str, Any]:
+    """What goes on the findings topic for one finding state (``finding_format``; the envelope wraps only
+    the GuardDuty-shaped format, the settings reject it with ``ocsf``). ``new``: the first state published
+    of a group opened since (an OCSF Create); the later ones are Updates."""
+    if finding_format == "ocsf":
+        return to_ocsf(finding, new=new)
+    return eventbridge_envelope(finding) if envelope else finding
+
+
 def route_keys(record: dict[str, Any]) -> list[str]:
     """The instance IDs a record concerns (SPEC §10: the keys of its routed copies), empty when the
     detector does not keep it: the instance of its session (any role), of the credentials an issuance
@@ -90,9 +102,10 @@ def route_keys(record: dict[str, Any]) -> list[str]:
 
     Raises :class:`MalformedRecord` for an instance-credential record the detect stage could not decide.
     """
-    if session_parts(record) is not None:
+    parts = session_parts(record)
+    if parts is not None:
         check_decidable(record)
-    return record_instances(record)
+    return record_instances(record, parts)
 
 
 def routed_instance(msg: Any) -> str | None:
@@ -147,6 +160,7 @@ class Stage(ABC):
         self.processed: dict[TopicPartition, int] = {}  # next offset to commit
         self.committed: dict[TopicPartition, int] = {}
         self.assigned: set[TopicPartition] = set()
+        self.joined = False  # this stage's consumer has had its first assignment (maybe empty)
         self.outbox: list[Output] = []
 
     @abstractmethod
@@ -241,6 +255,7 @@ class Stage(ABC):
         kwargs = consumer_kwargs(self.service.settings)
         kwargs["group_id"] = self.group_id
         self.consumer = AIOKafkaConsumer(**kwargs)
+        self.joined = False
         await self.consumer.start()
         self.subscribe(self.consumer, _Listener(self))
 
@@ -309,6 +324,7 @@ class Stage(ABC):
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self.service.metrics.rebalances.labels("assigned").inc()
         self.assigned |= assigned
+        self.joined = True
         self.added(assigned)
         self.service.partitions_changed()
         log.info("partitions_assigned", stage=self.name, partitions=sorted(_label(tp) for tp in assigned))
@@ -361,7 +377,7 @@ class RouteStage(Stage):
         sessions_topic = self.service.settings.sessions_topic_name
         outbox = self.outbox
         dumps = orjson.dumps
-        read = routed = 0
+        read = routed = kept = 0  # routed: copies on the sessions topic; kept: records they came from
         runs = []
         for tp, messages in batch.items():
             m.events.labels(tp.topic).inc(len(messages))
@@ -398,7 +414,8 @@ class RouteStage(Stage):
                 else:  # one copy per instance, each applied only for its instance (Engine.apply's ``only``)
                     for key in keys:
                         outbox.append((sessions_topic, value, key.encode(), [*headers, (ROUTED_INSTANCE, key.encode())], None))
-                routed += 1
+                routed += len(keys)
+                kept += 1
             if decoded.malformed:
                 for reason in decoded.malformed:
                     m.malformed.labels(reason).inc()
@@ -414,7 +431,7 @@ class RouteStage(Stage):
         self.records_read += read
         self.records_routed += routed
         m.repartitioned.inc(routed)
-        m.records_dropped.inc(read - routed)
+        m.records_dropped.inc(read - kept)
 
 
 def _parse_routed(msg: Any) -> tuple[Any, tuple[bytes, bytes]]:
@@ -596,7 +613,8 @@ class DetectStage(Stage):
         for group in groups:
             finding = render(group)
             rendered.append((group, finding))
-            body = eventbridge_envelope(finding) if s.eventbridge_envelope else finding
+            new = group.id in service.publisher.fresh
+            body = finding_body(finding, new, s.finding_format, s.eventbridge_envelope)
             self.outbox.append((s.findings_topic, orjson.dumps(body), group.id.encode(), [], None))
 
         def delivered() -> None:
@@ -718,8 +736,12 @@ async def restore_partition(
     ``(records applied, records skipped)``.
     """
     restored = skipped = 0
+    # With transactions, the changelog holds the records of aborted transactions too: one tagged with a
+    # source offset that its successor consumed again and committed would pass the skip rule below.
+    isolation = "read_committed" if transactions_enabled(settings) else "read_uncommitted"
     reader = AIOKafkaConsumer(
         **kafka_common_kwargs(settings), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+        isolation_level=isolation,
     )
     await reader.start()
     try:
@@ -750,6 +772,21 @@ async def restore_partition(
     return restored, skipped
 
 
+async def describe_settled(admin: AIOKafkaAdminClient, topics: list[str], timeout: float = 15.0) -> list[dict[str, Any]]:
+    """``describe_topics``, asked again while a topic is not yet in the metadata with its partitions.
+
+    Apache Kafka creates topics asynchronously: CreateTopics answers once the controller has them, but the
+    broker's metadata may still lack them (UNKNOWN_TOPIC_OR_PARTITION, or no partitions) for a moment.
+    Taken at once, that answer would read as a topic with 0 partitions.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        described = await admin.describe_topics(topics)
+        if all(d["error_code"] == 0 and d["partitions"] for d in described) or time.monotonic() > deadline:
+            return described
+        await asyncio.sleep(0.1)
+
+
 class DetectorService:
     def __init__(
         self,
@@ -777,6 +814,7 @@ class DetectorService:
         self.detect = DetectStage(self)
         self.stopping = asyncio.Event()
         self._connected = False
+        self._broker_reachable = True  # as the last probe found it (see _probe_broker)
         self._failed = False
         self._last_loop = time.monotonic()
         self._stamps = {"registry": self._stamp(settings.registry), "ip_ranges": self._stamp(settings.ip_ranges)}
@@ -799,7 +837,10 @@ class DetectorService:
     def ready(self) -> bool:
         return (
             self._connected
+            and self._broker_reachable
             and not self.stopping.is_set()
+            and self.route.joined
+            and self.detect.joined
             and bool(self.route.assigned or self.detect.assigned)
             and not self.detect.restoring
         )
@@ -843,6 +884,7 @@ class DetectorService:
         background = [
             asyncio.create_task(self._watch_files(), name="file-watcher"),
             asyncio.create_task(self._gauges(), name="gauges"),
+            asyncio.create_task(self._probe_broker(), name="broker-probe"),
         ]
         if s.registry_sync_seconds > 0:
             background.append(asyncio.create_task(self._sync_registry_loop(), name="registry-sync"))
@@ -876,6 +918,9 @@ class DetectorService:
         while not self.stopping.is_set():
             attempt += 1
             try:
+                problem = await access_problem(s)
+                if problem is not None:
+                    raise StartupError(problem)
                 await self._ensure_topics()
                 self.producer = AIOKafkaProducer(**producer_kwargs(s))
                 await self.producer.start()
@@ -934,7 +979,7 @@ class DetectorService:
                         log.info("topic_created", topic=topic.name, partitions=topic.num_partitions)
                     except TopicAlreadyExistsError:
                         pass
-            described = await admin.describe_topics([s.sessions_topic_name, s.changelog_topic_name])
+            described = await describe_settled(admin, [s.sessions_topic_name, s.changelog_topic_name])
             counts = {d["topic"]: len(d["partitions"]) for d in described}
             sessions, logged = counts.get(s.sessions_topic_name, 0), counts.get(s.changelog_topic_name, 0)
             if sessions != logged or sessions == 0:
@@ -949,7 +994,7 @@ class DetectorService:
             else:
                 inputs = [name for name in s.input_topics.split(",") if name in existing]
             if inputs:
-                described = await admin.describe_topics(inputs)
+                described = await describe_settled(admin, inputs)
                 self.detect.sources = [
                     (d["topic"].encode(), str(p["partition"]).encode()) for d in described for p in d["partitions"]
                 ]
@@ -1053,6 +1098,31 @@ class DetectorService:
             self.metrics.dead_letters.inc()
         log.error("output_undeliverable", topic=topic, bytes=len(value or b""), error=f"{type(exc).__name__}: {exc}")
         return (self.settings.dlq_topic, body, key, headers + marks, None)
+
+    async def _probe_broker(self) -> None:
+        """Once connected, ask the cluster for its metadata every second: not ready while it cannot answer.
+
+        The consumers and the producer ride out an outage on their own (aiokafka reconnects, the loops
+        retry), so nothing else would tell an orchestrator that the service has stopped making progress.
+        """
+        while True:
+            await asyncio.sleep(BROKER_PROBE_SECONDS)
+            producer = self.producer
+            if not self._connected or producer is None:
+                continue
+            error = None
+            try:
+                await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout=BROKER_PROBE_TIMEOUT)
+            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                self.metrics.broker_errors.inc()
+            if (error is None) != self._broker_reachable:
+                self._broker_reachable = error is None
+                if error is None:
+                    log.info("broker_reachable_again")
+                else:
+                    log.warning("broker_lost", error=error)
+            self.metrics.ready.set(1 if self.ready() else 0)
 
     async def _gauges(self) -> None:
         while True:

@@ -17,7 +17,7 @@ from typing import Any
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.helpers import create_ssl_context
 
-from .settings import Settings, SettingsError
+from .settings import KafkaClientSettings, Settings, SettingsError
 
 PRODUCER_LINGER_MS = 0  # outputs are sent as a batch then awaited at once: lingering only adds latency
 
@@ -72,7 +72,7 @@ class FileTokenProvider(AbstractTokenProvider):
         return token
 
 
-def ssl_context(settings: Settings) -> ssl.SSLContext:
+def ssl_context(settings: KafkaClientSettings) -> ssl.SSLContext:
     """The client TLS context: CA file (else the system CAs), optional client certificate, hostname check.
 
     Raises :class:`SettingsError` naming the setting when a file cannot be loaded. An encrypted key with
@@ -96,7 +96,7 @@ def ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-def kafka_common_kwargs(settings: Settings) -> dict[str, Any]:
+def kafka_common_kwargs(settings: KafkaClientSettings) -> dict[str, Any]:
     """Connection arguments shared by AIOKafkaConsumer, AIOKafkaProducer and AIOKafkaAdminClient."""
     kwargs: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap_servers,
@@ -152,3 +152,52 @@ def consumer_kwargs(settings: Settings) -> dict[str, Any]:
         "fetch_max_wait_ms": settings.fetch_max_wait_ms,
         "isolation_level": "read_committed" if transactions_enabled(settings) else "read_uncommitted",
     }
+
+
+async def access_problem(settings: Settings, timeout: float = 10.0) -> str | None:
+    """Why the configured TLS trust or SASL credentials cannot work, naming the setting; None when they do,
+    or when no broker answered at all (an outage, which the caller retries).
+
+    aiokafka logs a refused certificate or password and then reports only that it could not bootstrap,
+    which would read as an unreachable broker and be retried for ever. One connection made here, with the
+    same arguments, tells the two apart. The message never carries a secret.
+    """
+    if settings.security_protocol == "PLAINTEXT":
+        return None
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import (
+        AuthenticationFailedError,
+        IllegalSaslStateError,
+        KafkaError,
+        SaslAuthenticationFailed,
+        UnsupportedSaslMechanismError,
+    )
+
+    kwargs = {k: v for k, v in kafka_common_kwargs(settings).items() if k != "bootstrap_servers"}
+    for server in settings.bootstrap_servers:
+        host, _, port = server.strip().rpartition(":")
+        host = host.strip("[]")
+        try:
+            conn = await asyncio.wait_for(create_conn(host, int(port), **kwargs), timeout)
+        except ssl.SSLCertVerificationError as exc:
+            where = "ssl_cafile (or the system CAs when unset)" if settings.ssl_cafile is None else "ssl_cafile"
+            if "hostname" in str(exc.verify_message).lower() or "ip address mismatch" in str(exc.verify_message).lower():
+                where += " / ssl_check_hostname"
+            return (
+                f"{where}: the certificate of broker {server} is not trusted: {exc.verify_message}"
+                f" (ssl_cafile={str(settings.ssl_cafile) if settings.ssl_cafile else 'unset'})"
+            )
+        except (SaslAuthenticationFailed, AuthenticationFailedError, IllegalSaslStateError) as exc:
+            return (
+                f"sasl_username/sasl_password: broker {server} refused the {settings.sasl_mechanism} credentials "
+                f"of user {settings.sasl_username!r}: {exc}"
+            )
+        except UnsupportedSaslMechanismError as exc:
+            return f"sasl_mechanism: broker {server} does not offer {settings.sasl_mechanism}: {exc}"
+        except ssl.SSLError as exc:
+            return f"security_protocol/ssl_*: TLS with broker {server} failed: {exc}"
+        except (OSError, KafkaError, asyncio.TimeoutError, ValueError):
+            continue  # not reachable (yet): the caller's retry loop deals with outages
+        conn.close()
+        return None
+    return None

@@ -22,11 +22,14 @@ class FindingPublisher:
         self.last_published: dict[str, float] = {}  # finding id -> wall time of the last publish
         self.pending: dict[str, tuple[FindingGroup, dict[Hashable, int]]] = {}  # held-back changes
         self.due: dict[str, FindingGroup] = {}  # to publish with the current batch
+        self.fresh: set[str] = set()  # groups opened since their last publish: their next state is a creation
 
     def observe(self, change: FindingChange, partition: Hashable, offset: int, now: float) -> None:
         """Account for one change caused by the input at ``(partition, offset)``."""
         group = change.group
         gid = group.id
+        if change.new:
+            self.fresh.add(gid)
         if gid in self.due:
             return  # already going out with this batch, in its latest state
         last = self.last_published.get(gid)
@@ -55,6 +58,7 @@ class FindingPublisher:
     def published(self, groups: Iterable[FindingGroup], now: float) -> None:
         for group in groups:
             self.last_published[group.id] = now
+            self.fresh.discard(group.id)
 
     def commit_bound(self, partition: Hashable, processed: int) -> int:
         """Highest offset (exclusive) of ``partition`` that may be committed."""
@@ -70,3 +74,4 @@ class FindingPublisher:
             self.last_published.pop(gid, None)
             self.pending.pop(gid, None)
             self.due.pop(gid, None)
+            self.fresh.discard(gid)

@@ -84,8 +84,40 @@ def _check_topic(setting: str, name: str) -> str:
     return name
 
 
-class Settings(BaseSettings):
-    """Every setting of ``detector run``. Field name = TOML key; env var = ``DETECTOR_<NAME>``; flag = ``--name``."""
+def non_empty(value: str, info: ValidationInfo) -> str:
+    if not value.strip():
+        raise ValueError(f"{info.field_name} must not be empty")
+    return value.strip()
+
+
+def existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    if not value.exists():
+        raise ValueError(f"{info.field_name}: file {str(value)!r} does not exist")
+    if not value.is_file():
+        raise ValueError(f"{info.field_name}: {str(value)!r} is not a file")
+    return value
+
+
+def comma_joined(value: Any) -> Any:
+    """A TOML array of strings as the comma-separated string a list setting takes; anything else as is."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    return value
+
+
+def optional_str(value: str | None, info: ValidationInfo) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError(f"{info.field_name} must not be blank")
+    return value.strip() if value is not None else None
+
+
+class KafkaClientSettings(BaseSettings):
+    """What every long-running command shares: the Kafka connection (bootstrap, TLS, SASL), the HTTP
+    endpoints and the process (logging, event loop). :class:`Settings` (``detector run``) and the settings
+    of the other Kafka commands extend it. Field name = TOML key; env var = ``DETECTOR_<NAME>``; flag =
+    ``--name``."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -96,10 +128,191 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    # --- Kafka topics and identity ------------------------------------------------------------------
+    # --- Kafka connection ---------------------------------------------------------------------------
     kafka_bootstrap: str = Field(
         "localhost:9092", description="Kafka bootstrap servers, comma-separated `host:port` list."
     )
+    client_id: str = Field("detector", description="Kafka client id (broker logs and quotas).")
+
+    # --- Security -----------------------------------------------------------------------------------
+    security_protocol: SecurityProtocol = Field("PLAINTEXT", description="Protocol used to talk to the brokers.")
+    sasl_mechanism: SaslMechanism | None = Field(
+        None,
+        description="SASL mechanism, required with `SASL_*` protocols. `AWS_MSK_IAM` is OAUTHBEARER with a token "
+        "signed from the AWS credentials in the environment (Amazon MSK IAM access control).",
+    )
+    sasl_username: str | None = Field(None, description="SASL username (PLAIN and SCRAM).")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (PLAIN and SCRAM). Prefer the environment variable to the flag."
+    )
+    sasl_oauth_token_file: Path | None = Field(
+        None,
+        description="File holding the bearer token for `OAUTHBEARER`; re-read at every authentication, so a "
+        "sidecar may rotate it.",
+    )
+    msk_iam_region: str | None = Field(
+        default_factory=lambda: _aws_region_from_env()[0],
+        description="AWS region of the MSK cluster, required with `AWS_MSK_IAM`.",
+        json_schema_extra={"doc_default": "`$AWS_REGION`, else `$AWS_DEFAULT_REGION`, else none"},
+    )
+    ssl_cafile: Path | None = Field(
+        None, description="PEM file of CA certificates to verify the brokers with; unset: the system CAs."
+    )
+    ssl_certfile: Path | None = Field(None, description="PEM client certificate (mutual TLS); needs `ssl_keyfile`.")
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of the client certificate.")
+    ssl_key_password: SecretStr | None = Field(None, description="Password of an encrypted `ssl_keyfile`.")
+    ssl_check_hostname: bool = Field(True, description="Check that the broker certificate matches its host name.")
+
+    # --- HTTP endpoints -----------------------------------------------------------------------------
+    http_host: str = Field("0.0.0.0", description="Address of the HTTP server (`/metrics`, `/healthz`, `/readyz`).")
+    http_port: int = Field(9108, ge=0, le=65535, description="Port of the HTTP server; 0 picks a free port.")
+
+    # --- Process ------------------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="Log format: JSON lines, or the human console renderer; `auto` is console on a TTY, else JSON."
+    )
+    use_uvloop: bool = Field(False, description="Run the event loop on uvloop (install the `uvloop` extra).")
+
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    # --- sources ------------------------------------------------------------------------------------
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Settings(**kw) alone = defaults < environment < keyword arguments; load_settings() adds the file.
+        if _MERGED_ONLY.get():
+            return (init_settings,)
+        return (init_settings, env_settings)
+
+    # --- field validation ---------------------------------------------------------------------------
+    @field_validator("security_protocol", "sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip().upper()
+        return value.replace("_", "-") if value.startswith("SCRAM") else value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("client_id", "http_host")
+    @classmethod
+    def _non_empty(cls, value: str, info: ValidationInfo) -> str:
+        return non_empty(value, info)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        entries = [e.strip() for e in value.split(",")]
+        if not any(entries) or not all(entries):
+            raise ValueError(f"kafka_bootstrap: {value!r} is not a comma-separated list of host:port")
+        for entry in entries:
+            port: str | None = None
+            if entry.startswith("["):
+                m = _BRACKETED_HOST_RE.fullmatch(entry)
+                if not m:
+                    raise ValueError(f"kafka_bootstrap: bad address {entry!r}")
+                port = m.group(1)
+            elif entry.count(":") == 1:
+                host, port = entry.split(":")
+                if not host or not port.isdigit():
+                    raise ValueError(f"kafka_bootstrap: bad address {entry!r} (expected host:port)")
+            if any(c.isspace() for c in entry) or "/" in entry:
+                raise ValueError(f"kafka_bootstrap: bad address {entry!r} (expected host:port, no scheme)")
+            if port is not None and not 0 < int(port) <= 65535:
+                raise ValueError(f"kafka_bootstrap: port out of range in {entry!r}")
+        return ",".join(entries)
+
+    @field_validator("sasl_oauth_token_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _existing_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return existing_file(value, info)
+
+    @field_validator("sasl_username", "msk_iam_region")
+    @classmethod
+    def _optional_str(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return optional_str(value, info)
+
+    @model_validator(mode="after")
+    def _secure(self) -> KafkaClientSettings:
+        """The Kafka security settings agree with each other."""
+        protocol, mechanism = self.security_protocol, self.sasl_mechanism
+        if protocol in _SASL_PROTOCOLS and mechanism is None:
+            raise _conflict(f"security_protocol {protocol} requires sasl_mechanism", "security_protocol", "sasl_mechanism")
+        if protocol not in _SASL_PROTOCOLS and mechanism is not None:
+            raise _conflict(
+                f"sasl_mechanism {mechanism} needs security_protocol SASL_PLAINTEXT or SASL_SSL, not {protocol}",
+                "sasl_mechanism", "security_protocol",
+            )
+        if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            missing = [n for n in ("sasl_username", "sasl_password") if getattr(self, n) is None]
+            if missing:
+                raise _conflict(f"sasl_mechanism {mechanism} requires {' and '.join(missing)}", "sasl_mechanism", *missing)
+        elif self.sasl_username is not None or self.sasl_password is not None:
+            raise _conflict(
+                f"sasl_username/sasl_password are only used with sasl_mechanism PLAIN or SCRAM-*, not {mechanism}",
+                "sasl_mechanism", "sasl_username", "sasl_password",
+            )
+        if mechanism == "OAUTHBEARER" and self.sasl_oauth_token_file is None:
+            raise _conflict("sasl_mechanism OAUTHBEARER requires sasl_oauth_token_file", "sasl_mechanism", "sasl_oauth_token_file")
+        if mechanism == "AWS_MSK_IAM" and not self.msk_iam_region:
+            raise _conflict(
+                "sasl_mechanism AWS_MSK_IAM requires msk_iam_region (or AWS_REGION in the environment)",
+                "sasl_mechanism", "msk_iam_region",
+            )
+        if protocol not in _SSL_PROTOCOLS:
+            ssl_set = [n for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password") if getattr(self, n) is not None]
+            if ssl_set:
+                raise _conflict(
+                    f"{', '.join(ssl_set)} only apply to security_protocol SSL or SASL_SSL, not {protocol}",
+                    "security_protocol", *ssl_set,
+                )
+        if self.ssl_certfile is not None and self.ssl_keyfile is None:
+            raise _conflict("ssl_certfile requires ssl_keyfile", "ssl_certfile", "ssl_keyfile")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise _conflict("ssl_keyfile requires ssl_certfile", "ssl_keyfile", "ssl_certfile")
+        if self.ssl_key_password is not None and self.ssl_keyfile is None:
+            raise _conflict("ssl_key_password requires ssl_keyfile", "ssl_key_password", "ssl_keyfile")
+        return self
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        return self.kafka_bootstrap.split(",")
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Where each value came from: ``default``, ``file PATH``, ``env NAME``, ``flag --name`` (or ``argument``)."""
+        return {
+            name: self._sources.get(name, "argument" if name in self.model_fields_set else "default")
+            for name in type(self).model_fields
+        }
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict, secrets replaced by ``***`` (unset secrets stay ``None``)."""
+        data = self.model_dump(mode="json")
+        for name in _secret_fields(type(self)):
+            if getattr(self, name) is not None:
+                data[name] = MASK
+        return data
+
+
+AnySettings = typing.TypeVar("AnySettings", bound=KafkaClientSettings)
+
+
+class Settings(KafkaClientSettings):
+    """Every setting of ``detector run`` (on top of :class:`KafkaClientSettings`)."""
+
+    # --- Kafka topics and identity ------------------------------------------------------------------
     input_topics: str = Field(
         "cloudtrail",
         description="Input topics: a comma-separated list of names, or one value starting with `^`, a regular "
@@ -110,7 +323,6 @@ class Settings(BaseSettings):
     )
     dlq_topic: str = Field("detector.dlq", description="Dead-letter topic for malformed input.")
     group_id: str = Field("detector", description="Kafka consumer group id.")
-    client_id: str = Field("detector", description="Kafka client id (broker logs and quotas).")
 
     # --- Detection inputs ---------------------------------------------------------------------------
     registry: Path | None = Field(
@@ -150,17 +362,19 @@ class Settings(BaseSettings):
         None, description="One endpoint URL for every AWS service the sync calls (a private endpoint or a test double)."
     )
 
-    # --- HTTP endpoints -----------------------------------------------------------------------------
-    http_host: str = Field("0.0.0.0", description="Address of the HTTP server (`/metrics`, `/healthz`, `/readyz`).")
-    http_port: int = Field(9108, ge=0, le=65535, description="Port of the HTTP server; 0 picks a free port.")
-
     # --- Findings -----------------------------------------------------------------------------------
     finding_update_seconds: float = Field(
         60.0, ge=0, allow_inf_nan=False,
         description="How often an open finding's updated state is re-published (new findings are published at once).",
     )
     eventbridge_envelope: bool = Field(
-        False, description="Wrap each finding in an EventBridge `GuardDuty Finding` event envelope."
+        False,
+        description="Wrap each finding in an EventBridge `GuardDuty Finding` event envelope (guardduty format only).",
+    )
+    finding_format: Literal["guardduty", "ocsf"] = Field(
+        "guardduty",
+        description="How findings are written: `guardduty` (GuardDuty-shaped JSON) or `ocsf` (an OCSF 1.3 Detection "
+        "Finding, class_uid 2004, the GuardDuty-shaped fields under `unmapped`; see docs/findings.md).",
     )
 
     # --- Detection (SPEC part two) ------------------------------------------------------------------
@@ -216,35 +430,6 @@ class Settings(BaseSettings):
         "truncated and marked). The dead-letter topic is created allowing it.",
     )
 
-    # --- Security -----------------------------------------------------------------------------------
-    security_protocol: SecurityProtocol = Field("PLAINTEXT", description="Protocol used to talk to the brokers.")
-    sasl_mechanism: SaslMechanism | None = Field(
-        None,
-        description="SASL mechanism, required with `SASL_*` protocols. `AWS_MSK_IAM` is OAUTHBEARER with a token "
-        "signed from the AWS credentials in the environment (Amazon MSK IAM access control).",
-    )
-    sasl_username: str | None = Field(None, description="SASL username (PLAIN and SCRAM).")
-    sasl_password: SecretStr | None = Field(
-        None, description="SASL password (PLAIN and SCRAM). Prefer the environment variable to the flag."
-    )
-    sasl_oauth_token_file: Path | None = Field(
-        None,
-        description="File holding the bearer token for `OAUTHBEARER`; re-read at every authentication, so a "
-        "sidecar may rotate it.",
-    )
-    msk_iam_region: str | None = Field(
-        default_factory=lambda: _aws_region_from_env()[0],
-        description="AWS region of the MSK cluster, required with `AWS_MSK_IAM`.",
-        json_schema_extra={"doc_default": "`$AWS_REGION`, else `$AWS_DEFAULT_REGION`, else none"},
-    )
-    ssl_cafile: Path | None = Field(
-        None, description="PEM file of CA certificates to verify the brokers with; unset: the system CAs."
-    )
-    ssl_certfile: Path | None = Field(None, description="PEM client certificate (mutual TLS); needs `ssl_keyfile`.")
-    ssl_keyfile: Path | None = Field(None, description="PEM private key of the client certificate.")
-    ssl_key_password: SecretStr | None = Field(None, description="Password of an encrypted `ssl_keyfile`.")
-    ssl_check_hostname: bool = Field(True, description="Check that the broker certificate matches its host name.")
-
     # --- Topic administration -----------------------------------------------------------------------
     auto_create_topics: bool = Field(
         True, description="Create the findings and dead-letter topics at start-up when they are missing."
@@ -255,8 +440,8 @@ class Settings(BaseSettings):
     # --- Stream processing state (internal topics) ---------------------------------------------------
     sessions_topic: str | None = Field(
         None,
-        description="Internal repartition topic: instance-session records keyed by session ARN, so one session "
-        "always lives in one partition of one instance.",
+        description="Internal repartition topic: instance-session, issuance and lifecycle records keyed by "
+        "instance ID (SPEC §10), so everything about one instance lives in one partition of one process.",
         json_schema_extra={"doc_default": "`<group_id>.sessions`"},
     )
     changelog_topic: str | None = Field(
@@ -277,44 +462,7 @@ class Settings(BaseSettings):
         6, ge=1, description="Partitions of the internal topics when the detector creates them (the unit of scale-out)."
     )
 
-    # --- Process ------------------------------------------------------------------------------------
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
-    log_format: Literal["auto", "json", "console"] = Field(
-        "auto", description="Log format: JSON lines, or the human console renderer; `auto` is console on a TTY, else JSON."
-    )
-    use_uvloop: bool = Field(False, description="Run the event loop on uvloop (install the `uvloop` extra).")
-
-    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
-
-    # --- sources ------------------------------------------------------------------------------------
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Settings(**kw) alone = defaults < environment < keyword arguments; load_settings() adds the file.
-        if _MERGED_ONLY.get():
-            return (init_settings,)
-        return (init_settings, env_settings)
-
     # --- field validation ---------------------------------------------------------------------------
-    @field_validator("security_protocol", "sasl_mechanism", mode="before")
-    @classmethod
-    def _upper(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        value = value.strip().upper()
-        return value.replace("_", "-") if value.startswith("SCRAM") else value
-
-    @field_validator("log_level", "log_format", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
-
     @field_validator("producer_acks", mode="before")
     @classmethod
     def _acks(cls, value: Any) -> Any:
@@ -330,10 +478,7 @@ class Settings(BaseSettings):
     @field_validator("input_topics", mode="before")
     @classmethod
     def _topics_list(cls, value: Any) -> Any:
-        # a TOML array of names is accepted too
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return ",".join(value)
-        return value
+        return comma_joined(value)  # a TOML array of names is accepted too
 
     @field_validator("input_topics")
     @classmethod
@@ -357,99 +502,39 @@ class Settings(BaseSettings):
     def _output_topic(cls, value: str, info: ValidationInfo) -> str:
         return _check_topic(info.field_name, value.strip())
 
+    @field_validator("group_id")
+    @classmethod
+    def _group(cls, value: str, info: ValidationInfo) -> str:
+        return non_empty(value, info)
+
     @field_validator("sessions_topic", "changelog_topic")
     @classmethod
     def _internal_topic(cls, value: str | None, info: ValidationInfo) -> str | None:
         return None if value is None or not value.strip() else _check_topic(info.field_name, value.strip())
 
-    @field_validator("group_id", "client_id", "http_host")
+    @field_validator("registry", "ip_ranges")
     @classmethod
-    def _non_empty(cls, value: str, info: ValidationInfo) -> str:
-        if not value.strip():
-            raise ValueError(f"{info.field_name} must not be empty")
-        return value.strip()
+    def _existing_input(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return existing_file(value, info)
 
-    @field_validator("kafka_bootstrap")
+    @field_validator("transactional_id")
     @classmethod
-    def _bootstrap(cls, value: str) -> str:
-        entries = [e.strip() for e in value.split(",")]
-        if not any(entries) or not all(entries):
-            raise ValueError(f"kafka_bootstrap: {value!r} is not a comma-separated list of host:port")
-        for entry in entries:
-            port: str | None = None
-            if entry.startswith("["):
-                m = _BRACKETED_HOST_RE.fullmatch(entry)
-                if not m:
-                    raise ValueError(f"kafka_bootstrap: bad address {entry!r}")
-                port = m.group(1)
-            elif entry.count(":") == 1:
-                host, port = entry.split(":")
-                if not host or not port.isdigit():
-                    raise ValueError(f"kafka_bootstrap: bad address {entry!r} (expected host:port)")
-            if any(c.isspace() for c in entry) or "/" in entry:
-                raise ValueError(f"kafka_bootstrap: bad address {entry!r} (expected host:port, no scheme)")
-            if port is not None and not 0 < int(port) <= 65535:
-                raise ValueError(f"kafka_bootstrap: port out of range in {entry!r}")
-        return ",".join(entries)
+    def _optional_transactional(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return optional_str(value, info)
 
-    @field_validator("registry", "ip_ranges", "sasl_oauth_token_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @field_validator("finding_format", mode="before")
     @classmethod
-    def _existing_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        if not value.exists():
-            raise ValueError(f"{info.field_name}: file {str(value)!r} does not exist")
-        if not value.is_file():
-            raise ValueError(f"{info.field_name}: {str(value)!r} is not a file")
-        return value
-
-    @field_validator("transactional_id", "sasl_username", "msk_iam_region")
-    @classmethod
-    def _optional_str(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError(f"{info.field_name} must not be blank")
-        return value.strip() if value is not None else None
+    def _lower_format(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     # --- cross-field validation ---------------------------------------------------------------------
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        protocol, mechanism = self.security_protocol, self.sasl_mechanism
-        if protocol in _SASL_PROTOCOLS and mechanism is None:
-            raise _conflict(f"security_protocol {protocol} requires sasl_mechanism", "security_protocol", "sasl_mechanism")
-        if protocol not in _SASL_PROTOCOLS and mechanism is not None:
+        if self.eventbridge_envelope and self.finding_format != "guardduty":
             raise _conflict(
-                f"sasl_mechanism {mechanism} needs security_protocol SASL_PLAINTEXT or SASL_SSL, not {protocol}",
-                "sasl_mechanism", "security_protocol",
+                "eventbridge_envelope wraps GuardDuty-shaped findings; it cannot be combined with finding_format "
+                f"{self.finding_format}", "eventbridge_envelope", "finding_format",
             )
-        if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
-            missing = [n for n in ("sasl_username", "sasl_password") if getattr(self, n) is None]
-            if missing:
-                raise _conflict(f"sasl_mechanism {mechanism} requires {' and '.join(missing)}", "sasl_mechanism", *missing)
-        elif self.sasl_username is not None or self.sasl_password is not None:
-            raise _conflict(
-                f"sasl_username/sasl_password are only used with sasl_mechanism PLAIN or SCRAM-*, not {mechanism}",
-                "sasl_mechanism", "sasl_username", "sasl_password",
-            )
-        if mechanism == "OAUTHBEARER" and self.sasl_oauth_token_file is None:
-            raise _conflict("sasl_mechanism OAUTHBEARER requires sasl_oauth_token_file", "sasl_mechanism", "sasl_oauth_token_file")
-        if mechanism == "AWS_MSK_IAM" and not self.msk_iam_region:
-            raise _conflict(
-                "sasl_mechanism AWS_MSK_IAM requires msk_iam_region (or AWS_REGION in the environment)",
-                "sasl_mechanism", "msk_iam_region",
-            )
-        if protocol not in _SSL_PROTOCOLS:
-            ssl_set = [n for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password") if getattr(self, n) is not None]
-            if ssl_set:
-                raise _conflict(
-                    f"{', '.join(ssl_set)} only apply to security_protocol SSL or SASL_SSL, not {protocol}",
-                    "security_protocol", *ssl_set,
-                )
-        if self.ssl_certfile is not None and self.ssl_keyfile is None:
-            raise _conflict("ssl_certfile requires ssl_keyfile", "ssl_certfile", "ssl_keyfile")
-        if self.ssl_keyfile is not None and self.ssl_certfile is None:
-            raise _conflict("ssl_keyfile requires ssl_certfile", "ssl_keyfile", "ssl_certfile")
-        if self.ssl_key_password is not None and self.ssl_keyfile is None:
-            raise _conflict("ssl_key_password requires ssl_keyfile", "ssl_key_password", "ssl_keyfile")
         if self.transactional_id is not None and not self.enable_idempotence:
             raise _conflict("transactional_id requires enable_idempotence", "transactional_id", "enable_idempotence")
         if self.enable_idempotence and self.producer_acks != "all":
@@ -498,27 +583,6 @@ class Settings(BaseSettings):
         """Consumer group of the detection stage (reads ``sessions_topic``)."""
         return f"{self.group_id}.detect"
 
-    @property
-    def bootstrap_servers(self) -> list[str]:
-        return self.kafka_bootstrap.split(",")
-
-    @property
-    def sources(self) -> dict[str, str]:
-        """Where each value came from: ``default``, ``file PATH``, ``env NAME``, ``flag --name`` (or ``argument``)."""
-        return {
-            name: self._sources.get(name, "argument" if name in self.model_fields_set else "default")
-            for name in type(self).model_fields
-        }
-
-    def redacted(self) -> dict[str, Any]:
-        """The settings as a JSON-able dict, secrets replaced by ``***`` (unset secrets stay ``None``)."""
-        data = self.model_dump(mode="json")
-        for name in _secret_fields():
-            if getattr(self, name) is not None:
-                data[name] = MASK
-        return data
-
-
 # ------------------------------------------------------------------------------------------------------
 # field introspection (flags, env vars, docs)
 # ------------------------------------------------------------------------------------------------------
@@ -541,12 +605,12 @@ def _base_type(field: FieldInfo) -> tuple[Any, bool]:
     return ann, False
 
 
-def _secret_fields() -> list[str]:
-    return [n for n, f in Settings.model_fields.items() if _base_type(f)[0] in (SecretStr, SecretBytes)]
+def _secret_fields(cls: type[KafkaClientSettings]) -> list[str]:
+    return [n for n, f in cls.model_fields.items() if _base_type(f)[0] in (SecretStr, SecretBytes)]
 
 
-def _path_fields() -> list[str]:
-    return [n for n, f in Settings.model_fields.items() if _base_type(f)[0] is Path]
+def _path_fields(cls: type[KafkaClientSettings]) -> list[str]:
+    return [n for n, f in cls.model_fields.items() if _base_type(f)[0] is Path]
 
 
 def _choices(field: FieldInfo) -> list[str] | None:
@@ -558,7 +622,7 @@ def _choices(field: FieldInfo) -> list[str] | None:
 # loading: defaults < file < env < flags
 # ------------------------------------------------------------------------------------------------------
 
-def _read_config_file(path: Path, source: str) -> dict[str, Any]:
+def _read_config_file(path: Path, source: str, cls: type[KafkaClientSettings]) -> dict[str, Any]:
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -569,7 +633,7 @@ def _read_config_file(path: Path, source: str) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {str(path)!r} (from {source}) is not valid TOML: {exc}") from None
-    fields = Settings.model_fields
+    fields = cls.model_fields
     for key, value in data.items():
         if key not in fields:
             hint = difflib.get_close_matches(key, list(fields), n=1)
@@ -578,7 +642,7 @@ def _read_config_file(path: Path, source: str) -> dict[str, Any]:
                 extra += " (settings are top-level keys, not tables)"
             raise SettingsError(f"unknown setting {key!r} in config file {str(path)!r}{extra}")
     base = path.parent
-    for key in _path_fields():  # relative paths in a file are relative to the file
+    for key in _path_fields(cls):  # relative paths in a file are relative to the file
         value = data.get(key)
         if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
             data[key] = str(base / value)
@@ -587,12 +651,16 @@ def _read_config_file(path: Path, source: str) -> dict[str, Any]:
     return data
 
 
-def _read_env() -> dict[str, Any]:
-    source = EnvSettingsSource(Settings, case_sensitive=False, env_prefix=ENV_PREFIX, env_ignore_empty=True)
+def _read_env(cls: type[KafkaClientSettings]) -> dict[str, Any]:
+    source = EnvSettingsSource(cls, case_sensitive=False, env_prefix=ENV_PREFIX, env_ignore_empty=True)
     return source()
 
 
-def load_settings(config_file: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+def load_settings(
+    config_file: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    cls: type[AnySettings] = Settings,  # type: ignore[assignment]
+) -> AnySettings:
     """Build the settings from defaults < ``config_file`` (TOML) < ``DETECTOR_*`` env < ``overrides`` (flags).
 
     ``config_file`` defaults to ``$DETECTOR_CONFIG`` when given as None. Keys of ``overrides`` are field
@@ -606,12 +674,12 @@ def load_settings(config_file: Path | str | None = None, overrides: Mapping[str,
     else:
         path = None
     if path is not None:
-        data = _read_config_file(path, file_source)
+        data = _read_config_file(path, file_source, cls)
         layers.append((lambda _n, p=str(path): f"file {p}", data))
-    layers.append((lambda n: f"env {env_var(n)}", _read_env()))
+    layers.append((lambda n: f"env {env_var(n)}", _read_env(cls)))
     flags: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
-        if key not in Settings.model_fields:
+        if key not in cls.model_fields:
             raise SettingsError(f"unknown setting {key!r} (from flag)")
         if value is not None:
             flags[key] = value
@@ -623,24 +691,26 @@ def load_settings(config_file: Path | str | None = None, overrides: Mapping[str,
         for key, value in layer.items():
             values[key] = value
             origin[key] = describe(key)
-    if "msk_iam_region" not in values:
+    if "msk_iam_region" not in values and "msk_iam_region" in cls.model_fields:
         region, var = _aws_region_from_env()
         if region is not None:
             values["msk_iam_region"], origin["msk_iam_region"] = region, f"env {var}"
 
     token = _MERGED_ONLY.set(True)
     try:
-        settings = Settings(**values)
+        settings = cls(**values)
     except ValidationError as exc:
-        raise SettingsError(_describe_errors(exc, values, origin)) from None
+        raise SettingsError(_describe_errors(exc, values, origin, cls)) from None
     finally:
         _MERGED_ONLY.reset(token)
-    settings._sources = {name: origin.get(name, "default") for name in Settings.model_fields}
+    settings._sources = {name: origin.get(name, "default") for name in cls.model_fields}
     return settings
 
 
-def _describe_errors(exc: ValidationError, values: Mapping[str, Any], origin: Mapping[str, str]) -> str:
-    secrets = set(_secret_fields())
+def _describe_errors(
+    exc: ValidationError, values: Mapping[str, Any], origin: Mapping[str, str], cls: type[KafkaClientSettings]
+) -> str:
+    secrets = set(_secret_fields(cls))
     lines = []
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err.get("loc", ())]
@@ -667,7 +737,7 @@ def _describe_errors(exc: ValidationError, values: Mapping[str, Any], origin: Ma
 _METAVARS = {int: "INT", float: "SECONDS", Path: "FILE", str: "TEXT", SecretStr: "SECRET"}
 
 
-def settings_params() -> list[click.Option]:
+def settings_params(cls: type[KafkaClientSettings] = Settings) -> list[click.Option]:
     """One click option per setting (plus ``--config``), every default None so only given flags override."""
     params = [
         click.Option(
@@ -677,7 +747,7 @@ def settings_params() -> list[click.Option]:
             help=f"TOML config file (top-level keys = setting names)  [env: {CONFIG_ENV}]",
         )
     ]
-    for name, field in Settings.model_fields.items():
+    for name, field in cls.model_fields.items():
         base, _ = _base_type(field)
         help_text = f"{field.description}  [env: {env_var(name)}]"
         if base is bool:
@@ -695,27 +765,30 @@ def settings_params() -> list[click.Option]:
     return params
 
 
-def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Click decorator: adds ``--config`` and one flag per setting to a command (kwargs named like the fields)."""
+def settings_options(func: Callable[..., Any], cls: type[KafkaClientSettings] = Settings) -> Callable[..., Any]:
+    """Click decorator: adds ``--config`` and one flag per setting of ``cls`` to a command (kwargs named like
+    the fields). For another settings class: ``functools.partial(settings_options, cls=IngestSettings)``."""
     if isinstance(func, click.Command):
-        func.params.extend(settings_params())
+        func.params.extend(settings_params(cls))
         return func
     params = getattr(func, "__click_params__", None)
     if params is None:
         params = func.__click_params__ = []  # type: ignore[attr-defined]
     # click applies decorators bottom-up and reverses __click_params__; append reversed to keep model order
-    params.extend(reversed(settings_params()))
+    params.extend(reversed(settings_params(cls)))
     return func
 
 
-def settings_overrides(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def settings_overrides(kwargs: Mapping[str, Any], cls: type[KafkaClientSettings] = Settings) -> dict[str, Any]:
     """The flags actually given among a command's kwargs, as ``load_settings`` overrides."""
-    return {name: kwargs[name] for name in Settings.model_fields if kwargs.get(name) is not None}
+    return {name: kwargs[name] for name in cls.model_fields if kwargs.get(name) is not None}
 
 
-def settings_from_cli(kwargs: Mapping[str, Any]) -> Settings:
+def settings_from_cli(
+    kwargs: Mapping[str, Any], cls: type[AnySettings] = Settings  # type: ignore[assignment]
+) -> AnySettings:
     """``load_settings(--config or $DETECTOR_CONFIG, given flags)`` for a command decorated with settings_options."""
-    return load_settings(kwargs.get("config"), settings_overrides(kwargs))
+    return load_settings(kwargs.get("config"), settings_overrides(kwargs, cls), cls)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -780,16 +853,53 @@ def _doc_type(field: FieldInfo) -> str:
     return text
 
 
-def configuration_markdown() -> str:
-    """The text of ``docs/configuration.md``, generated from :class:`Settings`."""
-    rows = []
-    for name, field in Settings.model_fields.items():
+def settings_table(cls: type[KafkaClientSettings], names: typing.Iterable[str] | None = None) -> str:
+    """The markdown table of ``cls``'s settings (all, or ``names``): one row per setting."""
+    rows = [
+        "| setting (TOML key) | flag | environment variable | type | default | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names if names is not None else cls.model_fields:
+        field = cls.model_fields[name]
         base, _ = _base_type(field)
         flags = f"`{flag(name)}` / `--no-{name.replace('_', '-')}`" if base is bool else f"`{flag(name)}`"
         rows.append(
             f"| `{name}` | {flags} | `{env_var(name)}` | {_doc_type(field)} | {_doc_default(name, field)} | {_md(field.description or '')} |"
         )
-    secrets = ", ".join(f"`{n}`" for n in _secret_fields())
+    return "\n".join(rows)
+
+
+# Settings classes of the other long-running commands (``"module:Class"``, imported only to write the
+# docs), documented after `detector run`'s so that the one generated docs/configuration.md covers them all.
+COMMAND_SETTINGS: dict[str, str] = {
+    "export securityhub": "detector.outputs.settings:ExportSettings",
+    "respond": "detector.outputs.settings:RespondSettings",
+    "ingest": "detector.ingest.settings:IngestSettings",
+}
+
+
+def _command_settings() -> list[tuple[str, type[KafkaClientSettings]]]:
+    import importlib
+
+    out = []
+    for command, target in COMMAND_SETTINGS.items():
+        module, _, name = target.partition(":")
+        out.append((command, getattr(importlib.import_module(module), name)))
+    return out
+
+
+def configuration_markdown() -> str:
+    """The text of ``docs/configuration.md``, generated from :class:`Settings` and the registered classes."""
+    secrets = ", ".join(f"`{n}`" for n in _secret_fields(Settings))
+    others = []
+    for command, cls in _command_settings():
+        own = [n for n in cls.model_fields if n not in KafkaClientSettings.model_fields]
+        doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        others.append(
+            f"## `detector {command}`\n\n{doc} It shares the Kafka connection, HTTP and process settings of "
+            f"`detector run` (the same names, variables and flags); its own settings are:\n\n{settings_table(cls, own)}\n"
+        )
+    other_text = ("\n" + "\n".join(others)) if others else ""
     return f"""<!-- Generated by detector.service.settings.configuration_markdown(); do not edit.
      Regenerate: python -m detector.service.settings > docs/configuration.md -->
 # Configuration of `detector run`
@@ -823,9 +933,7 @@ are relative to the working directory. `input_topics` may also be a TOML array o
 
 ## Settings
 
-| setting (TOML key) | flag | environment variable | type | default | meaning |
-|---|---|---|---|---|---|
-{chr(10).join(rows)}
+{settings_table(Settings)}
 
 ## Rules across settings
 
@@ -837,7 +945,7 @@ are relative to the working directory. `input_topics` may also be a TOML array o
 - `ssl_*` files apply to `SSL` and `SASL_SSL` only; `ssl_certfile` and `ssl_keyfile` go together.
 - `transactional_id` requires `enable_idempotence`, which requires `producer_acks = "all"`.
 - `findings_topic` and `dlq_topic` differ, and `input_topics` must not name or match either of them.
-"""
+{other_text}"""
 
 
 if __name__ == "__main__":

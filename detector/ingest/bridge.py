@@ -1,0 +1,494 @@
+"""The ``detector ingest`` process: SQS in, Kafka out (SPEC §14 "In"). A thin adapter around :mod:`.bodies`.
+
+One receiver per queue long-polls SQS while fewer than ``concurrency`` messages are in work. Each message
+is handled by its own task: its body parsed; an EventBridge event produced as is; every S3 object it
+names streamed (``object_chunk_bytes`` at a time) through :class:`~.bodies.ObjectSplitter`, each record
+produced as it comes. The message is deleted only once every produced record is acknowledged. While it
+is in work a heartbeat renews its visibility timeout. A failed message is not deleted: a bad body
+(not JSON, unknown shape, an object that is not a log file) is released at once so the queue's redrive
+policy moves it to the dead-letter queue after ``maxReceiveCount`` receives; a transient failure (AWS or
+Kafka) stays invisible until its visibility timeout, a natural backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+from aiobotocore.session import get_session
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+
+from ..service.http import HttpServer
+from ..service.kafka_config import kafka_common_kwargs
+from .bodies import BAD_GZIP, INVALID_JSON, NOT_CLOUDTRAIL, UNKNOWN_SHAPE, Body, BodyError, ObjectSplitter, S3Object, parse_body, record_key
+from .metrics import (
+    ACCESS_DENIED,
+    AWS_ERROR,
+    EXPIRED_CREDENTIALS,
+    KAFKA_ERROR,
+    MISSING_OBJECT,
+    SHUTDOWN,
+    THROTTLED,
+    IngestMetrics,
+)
+from .settings import IngestSettings
+
+log = structlog.get_logger("detector.ingest")
+
+PERMANENT = frozenset({INVALID_JSON, UNKNOWN_SHAPE, BAD_GZIP, NOT_CLOUDTRAIL, MISSING_OBJECT})
+_EXPIRED = frozenset({"ExpiredToken", "ExpiredTokenException", "RequestExpired", "InvalidClientTokenId", "UnrecognizedClientException", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
+_THROTTLED = frozenset({"Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestThrottledException", "SlowDown", "TooManyRequestsException", "RequestLimitExceeded"})
+_MISSING = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
+_DENIED = frozenset({"AccessDenied", "AccessDeniedException", "403", "KMS.AccessDeniedException", "KMS.DisabledException", "AllAccessDisabled"})
+# Bytes produced but not yet acknowledged, per message, before waiting for the acks: bounds the memory an
+# oversized object can take in the producer's buffers.
+PENDING_BYTES = 4 * 1024 * 1024
+PRODUCER_BATCH_BYTES = 1024 * 1024  # aiokafka's 16 KB default costs a round trip per ten records
+
+
+class StartupError(Exception):
+    """A queue that cannot be used, no region, no credentials: the process cannot start."""
+
+
+class MessageFailed(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def aws_reason(exc: BaseException) -> str:
+    """The failure reason of an AWS error (a metrics label)."""
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _EXPIRED:
+            return EXPIRED_CREDENTIALS
+        if code in _THROTTLED:
+            return THROTTLED
+        if code in _MISSING:
+            return MISSING_OBJECT
+        if code in _DENIED:
+            return ACCESS_DENIED
+    if isinstance(exc, NoCredentialsError):
+        return EXPIRED_CREDENTIALS
+    return AWS_ERROR
+
+
+def describe_aws_error(exc: BaseException) -> str:
+    """A one-line explanation an operator can act on (no credentials material in it)."""
+    reason = aws_reason(exc)
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        text = f"{err.get('Code', '?')}: {err.get('Message', '')}".strip()
+        attempts = exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
+        if attempts:
+            text += f" (after {attempts} retries)"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    hint = {
+        EXPIRED_CREDENTIALS: "AWS credentials are missing, expired or invalid: renew them (the standard chain is re-read)",
+        THROTTLED: "AWS is throttling the calls: lower concurrency or raise the account's quota",
+        ACCESS_DENIED: "the ingest role lacks a permission (see deploy/aws/ingest-iam.yaml)",
+    }.get(reason)
+    return f"{text}; {hint}" if hint else text
+
+
+def queue_name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(eq=False)
+class InWork:
+    queue: str
+    receipt: str
+    message_id: str
+    sent: float  # epoch seconds SQS received it (else when we did)
+    received: float  # monotonic
+    renewed: float  # monotonic, last visibility change
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class IngestService:
+    def __init__(self, settings: IngestSettings) -> None:
+        self.settings = settings
+        self.metrics = IngestMetrics([queue_name(u) for u in settings.queues])
+        self.metrics.oldest_age.set_function(self._oldest_age)
+        self.stopping = asyncio.Event()
+        self.http = HttpServer(self, settings.http_host, settings.http_port)
+        self.producer: AIOKafkaProducer | None = None
+        self.in_work: dict[str, InWork] = {}  # by receipt handle
+        # Receivers wait on it for room; each queue's receiver asks for what is free when it polls, so with
+        # several queues up to (queues - 1) x max_messages more than `concurrency` may be in work at once.
+        self._room = asyncio.Condition()
+        self._receiving_ok: dict[str, bool] = {u: False for u in settings.queues}
+        self._loop_alive = False
+        self._sqs: Any = None
+        self._s3: Any = None
+
+    # --- probes --------------------------------------------------------------------------------
+    def healthy(self) -> bool:
+        return self._loop_alive
+
+    def ready(self) -> bool:
+        ok = self.producer is not None and all(self._receiving_ok.values()) and not self.stopping.is_set()
+        self.metrics.ready.set(1 if ok else 0)
+        return ok
+
+    def _oldest_age(self) -> float:
+        if not self.in_work:
+            return 0.0
+        return max(0.0, time.time() - min(w.sent for w in self.in_work.values()))
+
+    def stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("stop_requested")
+            self.stopping.set()
+
+    # --- life cycle ----------------------------------------------------------------------------
+    async def run(self) -> int:
+        s = self.settings
+        await self.http.start()
+        self._loop_alive = True
+        log.info("http_listening", port=self.http.port)
+        aws_config = Config(
+            retries={"mode": "standard", "max_attempts": s.aws_max_attempts},
+            connect_timeout=10,
+            read_timeout=max(30, s.wait_seconds + 10),
+            max_pool_connections=max(10, s.concurrency * 2),
+        )
+        session = get_session()
+        try:
+            async with session.create_client("sqs", config=aws_config) as sqs, session.create_client("s3", config=aws_config) as s3:
+                self._sqs, self._s3 = sqs, s3
+                await self._check_queues()
+                if not await self._connect():
+                    return 0
+                receivers = [asyncio.create_task(self._receive(url)) for url in s.queues]
+                heartbeat = asyncio.create_task(self._heartbeat())
+                await self.stopping.wait()
+                for task in receivers:
+                    task.cancel()
+                await asyncio.gather(*receivers, return_exceptions=True)
+                await self._drain()
+                heartbeat.cancel()
+                await asyncio.gather(heartbeat, return_exceptions=True)
+        except (NoRegionError, NoCredentialsError) as exc:
+            raise StartupError(f"{exc} (set AWS_REGION and credentials the standard AWS way)") from None
+        finally:
+            if self.producer is not None:
+                try:  # flushing waits for the broker: bounded, for a SIGTERM during an outage
+                    await asyncio.wait_for(self.producer.stop(), timeout=max(self.settings.grace_seconds, 1.0))
+                except asyncio.TimeoutError:
+                    log.warning("producer_stop_timeout", detail="unacknowledged records dropped; their messages stay in the queue")
+            await self.http.stop()
+            self._loop_alive = False
+        log.info("stopped")
+        return 0
+
+    async def _check_queues(self) -> None:
+        """Every queue exists and can be read; warn when it has no redrive policy."""
+        for url in self.settings.queues:
+            try:
+                attrs = (await self._sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"]))["Attributes"]
+            except (ClientError, BotoCoreError) as exc:
+                raise StartupError(f"queue {url}: {describe_aws_error(exc)}") from None
+            self._receiving_ok[url] = True  # readable now; a failed receive turns it back
+            if "RedrivePolicy" not in attrs:
+                log.warning(
+                    "no_redrive_policy", queue=queue_name(url),
+                    detail="a message that cannot be processed will be received again and again; give the queue a dead-letter queue",
+                )
+
+    async def _connect(self) -> bool:
+        s = self.settings
+        delay, attempt = 0.5, 0
+        while not self.stopping.is_set():
+            attempt += 1
+            producer = AIOKafkaProducer(
+                **kafka_common_kwargs(s), acks="all", linger_ms=5, max_request_size=s.max_message_bytes,
+                max_batch_size=PRODUCER_BATCH_BYTES,
+            )
+            try:
+                await producer.start()
+                self.producer = producer
+                log.info("connected", attempt=attempt)
+                return True
+            except (KafkaError, OSError) as exc:
+                self.metrics.broker_errors.inc()
+                await producer.stop()
+                log.warning("broker_unreachable", attempt=attempt, retry_in_seconds=round(delay, 1), error=f"{type(exc).__name__}: {exc}")
+                await self._sleep(delay)
+                delay = min(delay * 2, s.retry_max_seconds)
+        return False
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _drain(self) -> None:
+        """SIGTERM: let messages in work finish within the grace period; leave the rest to SQS."""
+        tasks = [w.task for w in self.in_work.values() if w.task is not None]
+        if not tasks:
+            return
+        log.info("draining", messages=len(tasks), grace_seconds=self.settings.grace_seconds)
+        done, pending = await asyncio.wait(tasks, timeout=self.settings.grace_seconds)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            log.warning("drain_incomplete", left_to_queue=len(pending))
+
+    # --- receiving -----------------------------------------------------------------------------
+    async def _receive(self, url: str) -> None:
+        s = self.settings
+        name = queue_name(url)
+        delay = 0.5
+        while not self.stopping.is_set():
+            async with self._room:  # receive only while fewer than `concurrency` messages are in work
+                await self._room.wait_for(lambda: len(self.in_work) < s.concurrency)
+            free = min(s.max_messages, s.concurrency - len(self.in_work))
+            try:
+                answer = await self._sqs.receive_message(
+                    QueueUrl=url,
+                    MaxNumberOfMessages=free,
+                    WaitTimeSeconds=s.wait_seconds,
+                    VisibilityTimeout=s.visibility_timeout_seconds,
+                    MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
+                )
+            except (ClientError, BotoCoreError) as exc:
+                reason = aws_reason(exc)
+                self._receiving_ok[url] = False
+                self.metrics.receive_errors.labels(reason).inc()
+                log.error("receive_failed", queue=name, reason=reason, retry_in_seconds=round(delay, 1), error=describe_aws_error(exc))
+                await self._sleep(delay)
+                delay = min(delay * 2, s.retry_max_seconds)
+                continue
+            delay = 0.5
+            self._receiving_ok[url] = True
+            messages = answer.get("Messages", [])
+            now = time.monotonic()
+            for msg in messages:
+                sent = msg.get("Attributes", {}).get("SentTimestamp")
+                work = InWork(url, msg["ReceiptHandle"], msg.get("MessageId", "?"), int(sent) / 1000 if sent else time.time(), now, now)
+                self.in_work[work.receipt] = work
+                self.metrics.in_flight.inc()
+                work.task = asyncio.create_task(self._handle(work, msg.get("Body", "")))
+
+    async def _heartbeat(self) -> None:
+        """Renew the visibility of messages in work a third of the timeout before it would lapse."""
+        timeout = self.settings.visibility_timeout_seconds
+        period = timeout / 3
+        while True:
+            await asyncio.sleep(min(period, 5.0))
+            now = time.monotonic()
+            due: dict[str, list[InWork]] = {}
+            for work in list(self.in_work.values()):
+                if now - work.renewed >= period:
+                    due.setdefault(work.queue, []).append(work)
+            for url, works in due.items():
+                for i in range(0, len(works), 10):
+                    batch = works[i : i + 10]
+                    entries = [{"Id": str(n), "ReceiptHandle": w.receipt, "VisibilityTimeout": timeout} for n, w in enumerate(batch)]
+                    try:
+                        answer = await self._sqs.change_message_visibility_batch(QueueUrl=url, Entries=entries)
+                    except (ClientError, BotoCoreError) as exc:
+                        log.warning("visibility_renewal_failed", queue=queue_name(url), error=describe_aws_error(exc))
+                        continue
+                    failed = {f["Id"] for f in answer.get("Failed", [])}
+                    for n, work in enumerate(batch):
+                        if str(n) not in failed:
+                            work.renewed = now
+                            self.metrics.visibility_extensions.inc()
+
+    # --- one message ---------------------------------------------------------------------------
+    async def _handle(self, work: InWork, text: str) -> None:
+        name = queue_name(work.queue)
+        with structlog.contextvars.bound_contextvars(queue=name, message_id=work.message_id):
+            try:
+                result = await self._process(text)
+                await self._sqs.delete_message(QueueUrl=work.queue, ReceiptHandle=work.receipt)
+                self.metrics.messages.labels(name, result).inc()
+                log.debug("message_done", result=result)
+            except asyncio.CancelledError:
+                self._failed(name, SHUTDOWN, "grace period over; left to the queue")
+                raise
+            except MessageFailed as exc:
+                self._failed(name, exc.reason, str(exc))
+                if exc.reason in PERMANENT:
+                    await self._release(work)
+            except (ClientError, BotoCoreError) as exc:  # the delete itself
+                self._failed(name, aws_reason(exc), f"deleting the message: {describe_aws_error(exc)}")
+            finally:
+                self.in_work.pop(work.receipt, None)
+                self.metrics.in_flight.dec()
+                async with self._room:
+                    self._room.notify_all()
+
+    def _failed(self, queue: str, reason: str, message: str) -> None:
+        self.metrics.failures.labels(reason).inc()
+        self.metrics.messages.labels(queue, "failed").inc()
+        log.warning("message_failed", reason=reason, error=message)
+
+    async def _release(self, work: InWork) -> None:
+        """Make a message that can never succeed visible again now, so the redrive policy takes it soon."""
+        try:
+            await self._sqs.change_message_visibility(QueueUrl=work.queue, ReceiptHandle=work.receipt, VisibilityTimeout=0)
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("release_failed", error=describe_aws_error(exc))
+
+    async def _process(self, text: str) -> str:
+        """Produce everything the message carries and wait for the acks; ``deleted`` or ``ignored``."""
+        try:
+            body: Body = parse_body(text)
+        except BodyError as exc:
+            raise MessageFailed(exc.reason, str(exc)) from None
+        if body.ignored is not None:
+            log.info("message_ignored", why=body.ignored)
+            return "ignored"
+        acks = _Acks(self)
+        if body.event is not None:
+            await acks.send(body.event, body.key)
+            await acks.wait()
+            self.metrics.records.labels("eventbridge").inc()
+            return "deleted"
+        for obj in body.objects:
+            await self._read_object(obj, acks)
+        return "deleted"
+
+    async def _read_object(self, obj: S3Object, acks: _Acks) -> None:
+        splitter = ObjectSplitter(max_record=self.settings.max_message_bytes)
+        where = f"s3://{obj.bucket}/{obj.key}"
+        produced = 0
+        try:
+            answer = await self._s3.get_object(Bucket=obj.bucket, Key=obj.key)
+            async with answer["Body"] as stream:
+                while chunk := await stream.read(self.settings.object_chunk_bytes):
+                    self.metrics.bytes.inc(len(chunk))
+                    for raw, record in splitter.feed(chunk):
+                        await acks.send(raw, record_key(record))
+                        produced += 1
+            for raw, record in splitter.close():
+                await acks.send(raw, record_key(record))
+                produced += 1
+            await acks.wait()
+        except MessageFailed:
+            await acks.wait_quietly()
+            raise
+        except BodyError as exc:
+            await acks.wait_quietly()
+            raise MessageFailed(exc.reason, f"{where}: {exc}") from None
+        except (ClientError, BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+            await acks.wait_quietly()
+            raise MessageFailed(aws_reason(exc), f"{where}: {describe_aws_error(exc)}") from None
+        except Exception as exc:  # aiohttp payload errors mid-stream
+            if type(exc).__module__.startswith("aiohttp"):
+                await acks.wait_quietly()
+                raise MessageFailed(AWS_ERROR, f"{where}: {type(exc).__name__}: {exc}") from None
+            raise
+        finally:
+            self.metrics.json_bytes.inc(splitter.bytes_out)
+        self.metrics.objects.inc()
+        self.metrics.records.labels("s3").inc(produced)
+        log.debug("object_done", object=where, records=produced, bytes=splitter.bytes_in)
+
+
+class _Acks:
+    """What one message produced and the acknowledgements still awaited.
+
+    Records are appended to one open producer batch per partition (aiokafka's batch API: a fraction of the
+    per-record cost of ``send``), partitioned like Kafka's default partitioner: murmur2 of the key, and one
+    partition per message for unkeyed records (sticky). A full batch is sent at once; ``wait`` sends the
+    open ones and raises MessageFailed unless every batch is acknowledged. Past PENDING_BYTES the records
+    are awaited before more are added, so an oversized object never piles up unacknowledged.
+    """
+
+    def __init__(self, service: IngestService) -> None:
+        self.service = service
+        self.producer = service.producer
+        self.topic = service.settings.topic
+        self.open: dict[int, Any] = {}  # partition -> BatchBuilder
+        self.pending: list[Awaitable[Any]] = []
+        self.pending_bytes = 0
+        self.partitions: list[int] = []
+        self.unkeyed = -1
+
+    async def send(self, value: bytes, key: str | None) -> None:
+        producer = self.producer
+        assert producer is not None
+        try:
+            if not self.partitions:
+                self.partitions = sorted(await producer.partitions_for(self.topic))
+                self.unkeyed = random.choice(self.partitions)
+            key_bytes = key.encode() if key is not None else None
+            partition = self.unkeyed if key_bytes is None else self.partitions[_hash(key_bytes) % len(self.partitions)]
+            batch = self.open.get(partition)
+            if batch is None:
+                batch = self.open[partition] = producer.create_batch()
+            if batch.append(key=key_bytes, value=value, timestamp=None) is None:  # full: send it, start another
+                await self._send(partition)
+                batch = self.open[partition] = producer.create_batch()
+                if batch.append(key=key_bytes, value=value, timestamp=None) is None:
+                    raise MessageFailed(KAFKA_ERROR, f"a record of {len(value)} bytes does not fit in a producer batch")
+        except KafkaError as exc:
+            raise MessageFailed(KAFKA_ERROR, f"producing: {type(exc).__name__}: {exc}") from None
+        self.pending_bytes += len(value)
+        if self.pending_bytes >= PENDING_BYTES:
+            await self.wait()
+
+    async def _send(self, partition: int) -> None:
+        assert self.producer is not None
+        batch = self.open.pop(partition)
+        self.pending.append(await self.producer.send_batch(batch, self.topic, partition=partition))
+
+    async def wait(self) -> None:
+        try:
+            for partition in list(self.open):
+                await self._send(partition)
+        except KafkaError as exc:
+            await self.wait_quietly()
+            raise MessageFailed(KAFKA_ERROR, f"producing: {type(exc).__name__}: {exc}") from None
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise MessageFailed(KAFKA_ERROR, f"{len(errors)} batch(es) not acknowledged: {type(errors[0]).__name__}: {errors[0]}")
+
+    async def wait_quietly(self) -> None:
+        self.open.clear()
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+_HASHES: dict[bytes, int] = {}  # murmur2 of instance IDs seen (pure Python murmur2 costs microseconds)
+
+
+def _hash(key: bytes) -> int:
+    value = _HASHES.get(key)
+    if value is None:
+        if len(_HASHES) >= 1 << 17:
+            _HASHES.clear()
+        value = _HASHES[key] = murmur2(key) & 0x7FFFFFFF
+    return value
+
+
+def install_signal_handlers(service: IngestService, loop: asyncio.AbstractEventLoop) -> None:
+    loop.add_signal_handler(signal.SIGTERM, service.stop)
+    loop.add_signal_handler(signal.SIGINT, service.stop)
+
+
+async def serve(settings: IngestSettings) -> int:
+    service = IngestService(settings)
+    install_signal_handlers(service, asyncio.get_running_loop())
+    return await service.run()
