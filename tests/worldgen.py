@@ -1646,63 +1646,67 @@ class _Gen:
         width = max(2, len(str(self.n_files - 1)))
         for f, chunk in enumerate(chunks):
             shape = shapes[f % 3]
-            if shape == "cloudtrail":
-                # State-change notifications are EventBridge events only: they split the log file in parts
-                # ("05.00-cloudtrail.json.gz", "05.01-eventbridge.jsonl", ...: still sorted in arrival order).
-                segments: list[list[Event]] = []
-                for event in chunk:
-                    if not segments or (event.envelope is None) != (segments[-1][0].envelope is None):
-                        segments.append([])
-                    segments[-1].append(event)
-                for n, segment in enumerate(segments):
-                    name = f"{f:0{width}d}" if len(segments) == 1 else f"{f:0{width}d}.{n:02d}"
-                    if segment[0].envelope is not None:
-                        self.state_changes += len(segment)
-                        lines_ = [json.dumps(e.envelope, separators=(",", ":")).encode() + b"\n" for e in segment]
-                        inputs.append((f"{name}-eventbridge.jsonl", b"".join(lines_)))
-                        continue
+            # State-change notifications are EventBridge events only: in a CloudTrail or records file they
+            # split it in parts ("05.00-records.jsonl", "05.01-eventbridge.jsonl", ...: still sorted in
+            # arrival order), so that every file holds one shape.
+            segments: list[list[Event]] = []
+            for event in chunk:
+                if not segments or (shape != "eventbridge" and (event.envelope is None) != (segments[-1][0].envelope is None)):
+                    segments.append([])
+                segments[-1].append(event)
+            first = True  # the first file of the chunk in its own shape gets the chunk's malformed input
+            for n, segment in enumerate(segments):
+                name = f"{f:0{width}d}" if len(segments) == 1 else f"{f:0{width}d}.{n:02d}"
+                if shape == "cloudtrail" and segment[0].envelope is None:
                     items: list[Any] = [event.record for event in segment]
                     records.extend((event.record, event.kind) for event in segment)  # type: ignore[misc]
-                    if self.malformed_lines and n < 2:  # the first log file of the chunk
+                    if self.malformed_lines and first:
                         items.insert(rng.randrange(len(items) + 1), 42)  # a Records element that is no record
                         malformed += 1
+                    first = False
                     body = gzip.compress(json.dumps({"Records": items}).encode(), mtime=0)
                     inputs.append((f"{name}-cloudtrail.json.gz", body))
-                continue
-            # (line, the CloudTrail record it carries or None, kind), in arrival order.
-            lines: list[tuple[bytes, dict[str, Any] | None, str]] = []
-            for event in chunk:
-                if event.envelope is not None:  # a state-change notification, in any JSON Lines file
-                    self.state_changes += 1
-                    lines.append((json.dumps(event.envelope, separators=(",", ":")).encode(), None, event.kind))
                     continue
-                record = event.record
-                assert record is not None
-                if shape == "eventbridge":
-                    value: Any = {
-                        "version": "0",
-                        "id": self.uuid(),
-                        "detail-type": event.wrap or "AWS API Call via CloudTrail",
-                        "source": "aws." + str(record.get("eventSource", "ec2.amazonaws.com")).split(".")[0],
-                        "account": record.get("recipientAccountId", self.homes[0].account_id),
-                        "time": record.get("eventTime", _iso(event.at)),
-                        "region": record.get("awsRegion", "us-east-1"),
-                        "resources": [],
-                        "detail": record,
-                    }
-                else:
-                    value = record
-                carried = None if event.kind == "skipped" else record
-                skipped += event.kind == "skipped"
-                lines.append((json.dumps(value, separators=(",", ":")).encode(), carried, event.kind))
-            for _ in range(bad_per_file.get(f, 0)):
-                raw, decoded = self.malformed_raw(bad_made)
-                bad_made += 1
-                malformed += 1
-                lines.insert(rng.randrange(len(lines) + 1), (raw, decoded, "malformed"))
-            records.extend((record, kind) for _, record, kind in lines if record is not None)
-            inputs.append((f"{f:0{width}d}-{shape}.jsonl", b"".join(line + b"\n" for line, _, _ in lines)))
+                own = segment[0].envelope is None or shape == "eventbridge"
+                lines = self.jsonl_lines(segment, "records" if shape == "records" and own else "eventbridge")
+                skipped += sum(1 for e in segment if e.kind == "skipped")
+                self.state_changes += sum(1 for e in segment if e.envelope is not None)
+                for _ in range(bad_per_file.get(f, 0) if own and first else 0):
+                    raw, decoded = self.malformed_raw(bad_made)
+                    bad_made += 1
+                    malformed += 1
+                    lines.insert(rng.randrange(len(lines) + 1), (raw, decoded, "malformed"))
+                first = first and not own
+                records.extend((record, kind) for _, record, kind in lines if record is not None)
+                file_shape = shape if own else "eventbridge"
+                inputs.append((f"{name}-{file_shape}.jsonl", b"".join(line + b"\n" for line, _, _ in lines)))
         return inputs, records, malformed, skipped
+
+    def jsonl_lines(self, events: list[Event], shape: str) -> list[tuple[bytes, dict[str, Any] | None, str]]:
+        """(line, the CloudTrail record it carries or None, kind) of each event, as ``shape`` lines."""
+        lines: list[tuple[bytes, dict[str, Any] | None, str]] = []
+        for event in events:
+            if event.envelope is not None:  # a state-change notification
+                lines.append((json.dumps(event.envelope, separators=(",", ":")).encode(), None, event.kind))
+                continue
+            record = event.record
+            assert record is not None
+            value: Any = record
+            if shape == "eventbridge":
+                value = {
+                    "version": "0",
+                    "id": self.uuid(),
+                    "detail-type": event.wrap or "AWS API Call via CloudTrail",
+                    "source": "aws." + str(record.get("eventSource", "ec2.amazonaws.com")).split(".")[0],
+                    "account": record.get("recipientAccountId", self.homes[0].account_id),
+                    "time": record.get("eventTime", _iso(event.at)),
+                    "region": record.get("awsRegion", "us-east-1"),
+                    "resources": [],
+                    "detail": record,
+                }
+            carried = None if event.kind == "skipped" else record
+            lines.append((json.dumps(value, separators=(",", ":")).encode(), carried, event.kind))
+        return lines
 
     def expected(self) -> list[ExpectedGroup]:
         """The finding groups the labels make (SPEC §8 groups; §11-§13 for the part-two types)."""
