@@ -191,3 +191,162 @@ def test_engine_raises_only_malformed_record_and_renders_json(batch: list[dict[s
     assert len(state.sessions) <= 3
     for group in state.groups.values():
         orjson.dumps(render(group))
+
+
+# --- the state of SPEC part two: lifecycle entries, access-key first sightings, address resets ----------
+
+from detector.core.changelog import apply_record, drain  # noqa: E402
+
+AFTER_STOPPED = "UnauthorizedAccess:IAMUser/InstanceCredentialExfiltration.AfterInstanceStopped"
+HOME = "111122223333"
+INSTANCES = ["i-0123456789abcdef0", "i-01234567", "i-0aaaaaaaaaaaaaaaa"]
+ROLES = ["web-role", "aws:ec2-instance"]
+T0 = 1_794_211_200  # 2026-11-09T08:00:00Z
+GRACE = 600
+
+
+def _iso(offset: int) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(T0 + offset, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _session(i: int, r: int) -> str:
+    return f"arn:aws:sts::{HOME}:assumed-role/{ROLES[r]}/{INSTANCES[i]}"
+
+
+def _key(i: int, r: int, k: int) -> str:
+    return f"ASIA{i}{r}{k}" + "X" * 13  # three keys per session, never shared between sessions
+
+
+# An event: (what, instance index, role index, key index, variant); its time comes from the list order.
+lifecycle_events = st.tuples(
+    st.sampled_from(["use", "use", "use", "service", "issue", "stop", "terminate", "spot", "state", "start", "start", "associate", "failed"]),
+    st.sampled_from([0, 0, 0, 1, 2]),  # mostly one instance, so that its lives and keys meet
+    st.integers(0, 1),
+    st.sampled_from([0, 0, 0, 1, 2]),
+    st.integers(0, 5),
+)
+STATES = ["pending", "running", "stopping", "stopped", "shutting-down", "terminated"]
+
+
+def _lifecycle_record(what: str, i: int, r: int, k: int, variant: int, offset: int) -> dict[str, Any]:
+    instance = INSTANCES[i]
+    when = _iso(offset)
+    if what == "state":
+        return {"version": "0", "detail-type": "EC2 Instance State-change Notification", "source": "aws.ec2", "account": HOME,
+                "time": when, "detail": {"instance-id": instance, "state": STATES[variant]}}  # fmt: skip
+    base: dict[str, Any] = {"eventTime": when, "eventSource": "ec2.amazonaws.com", "awsRegion": "us-east-1", "eventID": f"e{offset}"}
+    if variant % 2:
+        base["eventVersion"] = "1.08"  # else a bare record (SPEC §10)
+    if what in ("use", "service"):
+        identity: dict[str, Any] = {"type": "AssumedRole", "arn": _session(i, r), "accessKeyId": _key(i, r, k),
+                                    "sessionContext": {"ec2RoleDelivery": "2.0"}}  # fmt: skip
+        source = "s3.amazonaws.com" if what == "service" else ["8.8.8.8", "81.2.69.9", "10.0.0.1"][variant % 3]
+        return {**base, "userIdentity": identity, "eventName": "ListBuckets", "sourceIPAddress": source}
+    if what == "issue":
+        return {**base, "userIdentity": {"type": "AWSService", "invokedBy": "ec2.amazonaws.com"}, "eventSource": "sts.amazonaws.com",
+                "eventName": "AssumeRole", "sourceIPAddress": "ec2.amazonaws.com",
+                "requestParameters": {"roleArn": f"arn:aws:iam::{HOME}:role/{ROLES[0]}", "roleSessionName": instance},
+                "responseElements": {"credentials": {"accessKeyId": _key(i, 0, k)}}}  # fmt: skip
+    user = {"type": "IAMUser", "arn": f"arn:aws:iam::{HOME}:user/ops", "accountId": HOME}
+    items = {"items": [{"instanceId": instance}]}
+    if what == "spot":
+        return {**base, "userIdentity": {"accountId": HOME, "invokedBy": "ec2.amazonaws.com"}, "eventName": "BidEvictedEvent",
+                "eventType": "AwsServiceEvent", "serviceEventDetails": {"instanceIdSet": [instance]}}  # fmt: skip
+    if what == "associate":
+        return {**base, "userIdentity": user, "eventName": "AssociateAddress", "sourceIPAddress": "8.8.4.4",
+                "requestParameters": {"instanceId": instance, "allocationId": "eipalloc-1"}}  # fmt: skip
+    name = {"stop": "StopInstances", "terminate": "TerminateInstances", "start": "StartInstances"}.get(what, "StopInstances")
+    record = {**base, "userIdentity": user, "eventName": name, "sourceIPAddress": "8.8.4.4", "requestParameters": {"instancesSet": items},
+              "responseElements": {"instancesSet": items} if variant < 3 else None}  # fmt: skip
+    if what == "failed":
+        record["errorCode"] = "Client.DryRunOperation" if variant < 3 else "Client.UnauthorizedOperation"
+    return record
+
+
+def _timeline(events: list[tuple[str, int, int, int, int]], gaps: list[int]) -> list[dict[str, Any]]:
+    out, offset = [], 0
+    for event, gap in zip(events, gaps, strict=False):
+        offset += gap
+        out.append(_lifecycle_record(*event, offset))
+    return out
+
+
+def _after_stop_model(records: list[dict[str, Any]]) -> dict[str, int]:
+    """SPEC §11 straight from its text, for records in time order: session ARN -> AfterInstanceStopped
+    count. A life: the earliest stop since the latest start is T; a start keeps T for clause b."""
+    from datetime import datetime
+
+    def ts(value: str) -> float:
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+
+    stop: dict[str, float | None] = {}  # instance -> T of the current life (None: running)
+    previous: dict[str, float | None] = {}  # instance -> T of the life before the latest start
+    known: dict[tuple[str, str], float] = {}  # (instance, key) -> first known
+    counts: dict[str, int] = {}
+    for record in records:
+        if "detail-type" in record:
+            state, instance, t = record["detail"]["state"], record["detail"]["instance-id"], ts(record["time"])
+            kind = "start" if state in ("pending", "running") else "stop"
+        else:
+            t = ts(record["eventTime"])
+            name, identity = record["eventName"], record["userIdentity"]
+            arn = identity.get("arn", "")
+            if ":assumed-role/" in arn and name == "ListBuckets":
+                instance, key = arn.rsplit("/", 1)[1], identity["accessKeyId"]
+                if record["sourceIPAddress"] != "s3.amazonaws.com":
+                    now, before = stop.get(instance), previous.get(instance)
+                    clause_a = now is not None and t > now + GRACE
+                    clause_b = before is not None and t > before + GRACE and known.get((instance, key), float("inf")) <= before
+                    if clause_a or clause_b:
+                        counts[arn] = counts.get(arn, 0) + 1
+                known.setdefault((instance, key), t)
+                continue
+            if name == "AssumeRole":
+                known.setdefault((record["requestParameters"]["roleSessionName"], record["responseElements"]["credentials"]["accessKeyId"]), t)
+                continue
+            if record.get("errorCode") or name == "AssociateAddress":
+                continue
+            if name == "BidEvictedEvent":
+                instance = record["serviceEventDetails"]["instanceIdSet"][0]
+            else:
+                instance = (record["responseElements"] or record["requestParameters"])["instancesSet"]["items"][0]["instanceId"]
+            kind = "start" if name == "StartInstances" else "stop"
+        if kind == "stop" and stop.get(instance) is None:
+            stop[instance] = t
+        elif kind == "start":
+            if stop.get(instance) is not None:
+                previous[instance] = stop[instance]
+            stop[instance] = None
+    return counts
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(lifecycle_events, min_size=1, max_size=40), st.lists(st.integers(1, 1500), min_size=40, max_size=40))
+@example([("use", 0, 0, 0, 1), ("stop", 0, 0, 0, 0), ("start", 0, 0, 0, 1), ("use", 0, 0, 0, 0), ("use", 0, 0, 1, 0)], [100] * 3 + [900] * 37)
+@example([("issue", 0, 0, 1, 1), ("state", 0, 0, 0, 2), ("state", 0, 0, 0, 1), ("use", 0, 0, 1, 0)], [100] * 3 + [900] * 37)
+@example([("use", 1, 1, 2, 1), ("spot", 1, 0, 0, 1), ("start", 1, 0, 0, 4), ("use", 1, 1, 2, 2), ("stop", 1, 0, 0, 0)], [100] * 3 + [700] * 37)
+def test_use_after_stop_follows_the_rule_and_survives_the_changelog(
+    events: list[tuple[str, int, int, int, int]], gaps: list[int]
+) -> None:
+    """Signals and records in time order: the engine's AfterInstanceStopped groups are those of SPEC §11
+    read literally; every finding renders with a severity SPEC names; and the changelog drained after each
+    input rebuilds sessions, groups and lifecycle entries exactly."""
+    records = _timeline(events, gaps)
+    engine = Engine(REGISTRY, AWS, stop_grace_seconds=GRACE)
+    live = DetectorState(EngineConfig(), track_changes=True)
+    restored = DetectorState(EngineConfig())
+    for value in records:
+        (record,) = classify(value).records  # a state-change notification as the decoder hands it over
+        for change in engine.apply(live, record):
+            finding = render(change.group)
+            orjson.dumps(finding)
+            assert finding["severity"] in (2, 5, 8)
+        for key, value in drain(live):
+            apply_record(restored, key, value)
+    got = {g.session_key: g.count for g in live.groups.values() if g.type == AFTER_STOPPED}
+    assert got == _after_stop_model(records)
+    assert {k: v.to_data() for k, v in restored.sessions.items()} == {k: v.to_data() for k, v in live.sessions.items()}
+    assert {k: v.to_data() for k, v in restored.groups.items()} == {k: v.to_data() for k, v in live.groups.items()}
+    assert restored.lifecycle == live.lifecycle
