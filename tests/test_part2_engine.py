@@ -154,10 +154,14 @@ def test_instance_identity_role_is_in_scope_other_aws_roles_are_not() -> None:
 
 
 def test_state_change_notification_is_input_and_malformed_one_is_counted() -> None:
-    decoded = classify(state_change(I, "stopped", t(0)))
+    event = state_change(I, "stopped", t(0))
+    decoded = classify(event)
     assert decoded.records == [
-        {"detail-type": "EC2 Instance State-change Notification", "eventTime": t(0), "detail": {"instance-id": I, "state": "stopped"}}
-    ]
+        {
+            "detail-type": "EC2 Instance State-change Notification", "eventTime": t(0),
+            "detail": {"instance-id": I, "state": "stopped"}, "id": event["id"],
+        }
+    ]  # fmt: skip
     assert not decoded.skipped and not decoded.malformed
     broken = state_change(I, "stopped", t(0))
     del broken["detail"]["instance-id"]

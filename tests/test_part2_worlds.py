@@ -104,12 +104,6 @@ def test_world_as_kafka_messages_from_stdin(run_detector: Any, tmp_path: Path) -
     assert summarize(findings_of(proc)) == world.expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the engine re-applies the address reset (SPEC §13) of a duplicate delivery (same eventID) of an "
-    "AssociateAddress or StartInstances: it clears the address learnt after the first delivery, so the old "
-    "address is learnt anew instead of raising InsideAWS (reported to the lead)",
-)
 def test_duplicate_deliveries_of_signals_change_nothing(run_detector: Any, tmp_path: Path) -> None:
     """A StopInstances, StartInstances, AssociateAddress or BidEvictedEvent delivered twice is one event:
     its later copy (same eventID, as CloudTrail's duplicates) neither counts nor stops, starts or resets."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from .state import LIFECYCLE_PREFIX, DetectorState, FindingGroup, Session, instance_bits, lifecycle_newest
+from .state import LIFECYCLE_FIELDS, LIFECYCLE_PREFIX, DetectorState, FindingGroup, Session, instance_bits, lifecycle_newest
 
 SESSION_PREFIX = "s:"
 GROUP_PREFIX = "g:"
@@ -65,7 +65,7 @@ def apply_record(state: DetectorState, key: bytes, value: bytes | None) -> None:
             state.lifecycle.pop(bits, None)
             return
         entry = orjson.loads(value)
-        if not isinstance(entry, list) or len(entry) != 6:
+        if not isinstance(entry, list) or len(entry) != LIFECYCLE_FIELDS:
             raise ValueError(f"changelog record {name[:80]!r} is not a lifecycle entry")
         state.lifecycle[bits] = entry
         state.advance(lifecycle_newest(entry))

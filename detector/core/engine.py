@@ -21,6 +21,7 @@ from .state import (
     L_LAST,
     L_PREV,
     L_PREV_STATE,
+    L_RESET_IDS,
     L_START,
     L_STATE,
     L_STOP,
@@ -484,11 +485,15 @@ class Engine:
             record = _project(record)
         self.counters.records += 1
         if record.get("detail-type") == STATE_CHANGE:
-            self._signals(state, record, only)
+            if not self._repeated_signal(state, record, only):
+                self._signals(state, record, only)
             return []
         identity = record.get("userIdentity")
         if not isinstance(identity, dict):
             return []
+        name = record.get("eventName")
+        if isinstance(name, str) and name in SIGNAL_NAMES and self._repeated_signal(state, record, only):
+            return []  # a repeated delivery of a reset already applied: the same event changes nothing more
         changes: list[FindingChange] = []
         if identity.get("type") == "AssumedRole":
             arn = identity.get("arn")
@@ -502,7 +507,6 @@ class Engine:
                     record.get("vpcEndpointId"), record.get("vpcEndpointAccountId"),
                     identity.get("accessKeyId"), delivery,
                 )  # fmt: skip
-        name = record.get("eventName")
         if name == "AssumeRole" and identity.get("invokedBy") == "ec2.amazonaws.com":
             issued = issuance_parts(record)
             if issued is not None and (only is None or only == issued[4]):
@@ -511,6 +515,22 @@ class Engine:
         elif isinstance(name, str) and name in SIGNAL_NAMES:
             self._signals(state, record, only)
         return changes
+
+    def _repeated_signal(self, state: DetectorState, record: dict[str, Any], only: str | None) -> bool:
+        """Whether ``record`` is a repeated delivery (same event ID) of an address reset already applied
+        (SPEC §13): applied again, it would forget what was learnt since the first delivery."""
+        event_id = _signal_id(record)
+        if event_id is None:
+            return False
+        kind, ids, _ = signals(record)
+        if kind not in ("start", "reset"):
+            return False  # stop signals are idempotent
+        for instance_id in ids:
+            bits = instance_bits(instance_id) if only is None or instance_id == only else None
+            entry = state.lifecycle_entry(bits) if bits is not None else None
+            if entry is not None and entry[L_RESET_IDS] and event_id in entry[L_RESET_IDS]:
+                return True
+        return False
 
     def _signals(self, state: DetectorState, record: dict[str, Any], only: str | None) -> None:
         """Apply a record's lifecycle and address signals (SPEC §11, §13) after its own decision (the
@@ -536,7 +556,7 @@ class Engine:
                 continue
             if kind == "start":
                 state.start_signal(bits, ts)
-            state.reset_first_use(bits)
+            state.reset_signal(bits, ts, _signal_id(record))
 
     def apply_fast(self, state: DetectorState, record: Any) -> list[FindingChange]:
         """:meth:`apply` for a record of the fast decoder (``records.FastRecord``): attributes, not keys.
@@ -968,6 +988,12 @@ class Engine:
         group.updated_at = state.stream_time
         state.note_group(group)
         return FindingChange(group, new)
+
+
+def _signal_id(record: dict[str, Any]) -> str | None:
+    """The event ID of a signal record: CloudTrail's ``eventID``, or an EventBridge event's ``id``."""
+    event_id = record.get("id") if record.get("detail-type") == STATE_CHANGE else record.get("eventID")
+    return event_id if isinstance(event_id, str) else None
 
 
 def _count_call(group: FindingGroup, record: Any) -> None:

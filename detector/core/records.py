@@ -82,7 +82,10 @@ def state_change_record(event: dict[str, Any]) -> dict[str, Any] | None:
     instance_id, state, time = detail.get("instance-id"), detail.get("state"), event.get("time")
     if not (isinstance(instance_id, str) and isinstance(state, str) and isinstance(time, str)):
         return None
-    return {"detail-type": STATE_CHANGE, "eventTime": time, "detail": {"instance-id": instance_id, "state": state}}
+    change = {"detail-type": STATE_CHANGE, "eventTime": time, "detail": {"instance-id": instance_id, "state": state}}
+    if isinstance(event.get("id"), str):
+        change["id"] = event["id"]  # EventBridge's event id: a repeated delivery is the same event
+    return change
 
 
 def classify(value: Any) -> Decoded:

@@ -1030,6 +1030,10 @@ L_LAST = 2  # the latest stop signal's time since the latest start
 L_STATE = 3  # its instance state: "stopped" or "terminated"
 L_PREV = 4  # T of the life before the latest start (kept for clause b), or None
 L_PREV_STATE = 5
+L_RESET = 6  # the latest address reset's time (SPEC §13), or None
+L_RESET_IDS = 7  # eventIDs of the latest resets, newest last: a repeated delivery does not reset again
+LIFECYCLE_FIELDS = 8
+MAX_RESET_IDS = 4
 STOPPED = "stopped"
 TERMINATED = "terminated"
 LIFECYCLE_PREFIX = "l:"  # changelog key prefix of a lifecycle entry (``l:<instance-id>``)
@@ -1037,7 +1041,10 @@ LIFECYCLE_PREFIX = "l:"  # changelog key prefix of a lifecycle entry (``l:<insta
 
 def lifecycle_newest(entry: list[Any]) -> float:
     """The newest signal time of a lifecycle entry (it expires a session TTL after that)."""
-    return max((t for t in (entry[L_START], entry[L_LAST], entry[L_PREV]) if t is not None), default=float("-inf"))
+    return max(
+        (t for t in (entry[L_START], entry[L_LAST], entry[L_PREV], entry[L_RESET]) if t is not None),
+        default=float("-inf"),
+    )
 
 
 class DetectorState:
@@ -1192,7 +1199,7 @@ class DetectorState:
     def _lifecycle_entry(self, bits: int) -> list[Any]:
         entry = self.lifecycle_entry(bits)
         if entry is None:
-            entry = self.lifecycle[bits] = [None, None, None, None, None, None]
+            entry = self.lifecycle[bits] = [None] * LIFECYCLE_FIELDS
         if self.track_changes:
             name = LIFECYCLE_PREFIX + instance_text(bits)
             self.changed.add(name)
@@ -1230,6 +1237,19 @@ class DetectorState:
                 entry[L_STOP] = last
             else:
                 entry[L_STOP] = entry[L_LAST] = entry[L_STATE] = None
+
+    def reset_signal(self, bits: int, ts: float, event_id: Any) -> int:
+        """An address reset (SPEC §13) at eventTime ``ts``: :meth:`reset_first_use`, unless the record
+        with this ``eventID`` already reset the instance (a repeated delivery is the same event)."""
+        if isinstance(event_id, str):
+            entry = self.lifecycle_entry(bits)
+            if entry is not None and entry[L_RESET_IDS] and event_id in entry[L_RESET_IDS]:
+                return 0
+            entry = self._lifecycle_entry(bits)
+            entry[L_RESET_IDS] = [*(entry[L_RESET_IDS] or ())[1 - MAX_RESET_IDS :], event_id]
+            if entry[L_RESET] is None or ts > entry[L_RESET]:
+                entry[L_RESET] = ts
+        return self.reset_first_use(bits)
 
     def reset_first_use(self, bits: int) -> int:
         """Forget the trust-on-first-use addresses of every session of the instance (SPEC §13);
