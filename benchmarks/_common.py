@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -48,6 +49,20 @@ def run_child(code: str, *args: str, stdin: Any = None) -> tuple[str, float, int
     if proc.returncode != 0:
         raise SystemExit(f"child failed with {proc.returncode}: {code[:80]!r}")
     return out.decode(), wall, usage.ru_maxrss * 1024
+
+
+def detector_replay(path: Path, jobs: int | None = None) -> tuple[float, dict[str, Any]]:
+    """Wall seconds of ``python -m detector replay path`` from process start to exit, and its summary."""
+    command = [PYTHON, "-m", "detector", "replay", "--output", os.devnull, str(path)]
+    if jobs is not None:
+        command[4:4] = ["--jobs", str(jobs)]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)  # fmt: skip
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"detector replay failed ({done.returncode}): {done.stderr.decode()[-2000:]}")
+    return wall, json.loads(done.stderr.decode().strip().splitlines()[-1])["summary"]
 
 
 def best_of(n: int, fn: Any) -> Any:

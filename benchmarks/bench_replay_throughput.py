@@ -22,14 +22,10 @@ the worst case last.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from ._common import PYTHON, REPO, Worst, add_case_arguments, best_of, cases, header, run_child
+from ._common import Worst, add_case_arguments, best_of, cases, detector_replay, header, run_child
 from .eventgen import iter_events, write_stream
 
 BASELINE = """
@@ -47,20 +43,6 @@ print(n)
 """
 
 TARGETS = {"fleet-5000": ">= 1.2x", "fleet-500": ">= 1.5x"}
-
-
-def replay(path: Path, jobs: int | None) -> tuple[float, dict]:
-    """Wall seconds of ``python -m detector replay path`` from process start to exit, and its summary."""
-    command = [PYTHON, "-m", "detector", "replay", "--output", os.devnull, str(path)]
-    if jobs is not None:
-        command[4:4] = ["--jobs", str(jobs)]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)  # fmt: skip
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"detector replay failed ({done.returncode}): {done.stderr.decode()[-2000:]}")
-    return wall, json.loads(done.stderr.decode().strip().splitlines()[-1])["summary"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             path = Path(tmp) / "events.jsonl"
             lines, size = write_stream(path, iter_events(args.events, seed, instances=args.instances, shape=shape))
             base_s = best_of(args.runs, lambda: run_child(BASELINE, str(path))[1:2])[0]
-            det_s, summary = best_of(args.runs, lambda: replay(path, args.jobs))
+            det_s, summary = best_of(args.runs, lambda: detector_replay(path, args.jobs))
         detail = (
             f"{lines:,} events of {size / lines:.0f} B; baseline {base_s:.2f} s, {lines / base_s:,.0f}/s; detector "
             f"{det_s:.2f} s, {lines / det_s:,.0f}/s; {summary['instance_records']} instance records, "
