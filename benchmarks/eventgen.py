@@ -34,6 +34,7 @@ import functools
 import gzip
 import ipaddress
 import random
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -733,6 +734,56 @@ def write_stream(path: Path, lines: Iterator[bytes]) -> tuple[int, int]:
     return count, size
 
 
+_SPEC_SESSION = re.compile(r"arn:[a-z-]+:sts::[0-9]{12}:assumed-role/([^/]+)/i-(?:[0-9a-f]{17}|[0-9a-f]{8})")
+_SPEC_INSTANCE_ID = re.compile(r"i-(?:[0-9a-f]{17}|[0-9a-f]{8})")
+_NAMED_LIKE_INSTANCE = re.compile(r"[:/]i-[0-9a-fA-F]{8}")
+
+
+def kind(line: bytes) -> str:
+    """What one generated line is under SPEC §2/§3/§10/§11, decided here independently of the detector."""
+    try:
+        event = orjson.loads(line)
+        detail = event["detail"]
+        identity = detail.get("userIdentity", {})
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return "malformed"
+    if event.get("detail-type") == "EC2 Instance State-change Notification":
+        return "lifecycle: state-change notification"
+    name = detail.get("eventName")
+    if name in ("StopInstances", "StartInstances", "TerminateInstances", "AssociateAddress"):
+        return "lifecycle: " + name
+    if name == "AssumeRole" and identity.get("invokedBy") == "ec2.amazonaws.com" and _SPEC_INSTANCE_ID.fullmatch(
+        str(detail["requestParameters"].get("roleSessionName"))
+    ):
+        return "credential issuance"
+    match = _SPEC_SESSION.fullmatch(str(identity.get("arn")))
+    if identity.get("type") == "AssumedRole" and match is not None:
+        role = match.group(1)
+        if role == IDENTITY_ROLE:
+            return "instance session: aws:ec2-instance role"
+        if not role.startswith("aws:"):
+            return "instance session"
+    if _NAMED_LIKE_INSTANCE.search(orjson.dumps(identity).decode()) or (
+        name == "AssumeRole" and str(detail["requestParameters"].get("roleSessionName")).startswith(("i-", "ec2-"))
+    ):
+        return "decoy (named like an instance session or issuance, is neither)"
+    return "other identity"
+
+
+def stats(lines: Iterator[bytes]) -> None:
+    """Print the share of every kind of line (``--stats``)."""
+    counts: dict[str, int] = {}
+    total = size = 0
+    for line in lines:
+        k = kind(line)
+        counts[k] = counts.get(k, 0) + 1
+        total += 1
+        size += len(line) + 1
+    print(f"{total:,} lines, {size / max(total, 1):.0f} bytes per line")
+    for k, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"{n / total:8.2%}  {k}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1000)
@@ -740,10 +791,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", default="default", choices=sorted(SHAPES))
     parser.add_argument("--sessions", type=int, default=None,
                         help="instead of --events: the session stream of the memory/restore benchmarks")  # fmt: skip
+    parser.add_argument("--stats", action="store_true", help="print the mix of the stream instead of the stream")
     args = parser.parse_args(argv)
     out: IO[bytes] = sys.stdout.buffer
     lines = (session_events(args.sessions, args.seed, args.shape) if args.sessions is not None
              else iter_events(args.events, args.seed, shape=args.shape))  # fmt: skip
+    if args.stats:
+        stats(lines)
+        return
     for line in lines:
         out.write(line + b"\n")
 
