@@ -29,7 +29,8 @@ def machine() -> str:
 def header(title: str) -> None:
     print(f"# {title}")
     print(f"machine: {machine()}")
-    print(f"load average at start: {load()} (above the CPU count, the machine was busy with other work)")
+    busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    print(f"load average at start: {load()}" + (" (above the CPU count: other work shares the machine)" if busy else ""))
 
 
 def load() -> str:
