@@ -17,6 +17,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 
+def quiet_logs() -> None:
+    """Errors only: the service logs every finding (info) and dead letter (warning), which would bury the figures
+    (``Settings.log_level`` takes effect where ``detector run`` configures logging, not in the constructor)."""
+    from detector.service.logging import configure_logging
+
+    configure_logging("error")
+
+
 def names(prefix: str) -> dict[str, str]:
     return {
         "input_topics": f"{prefix}.cloudtrail",
@@ -39,7 +47,8 @@ async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
         await admin.close()
 
 
-async def produce(bootstrap: str, topic: str, values: Iterable[bytes]) -> int:
+async def produce(bootstrap: str, topic: str, values: Iterable[bytes], partitions: int | None = None) -> int:
+    """Produce ``values`` unkeyed; with ``partitions``, round-robin over them as a bridge writes them."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=1 << 20,
                                 max_request_size=8 << 20)  # fmt: skip
     await producer.start()
@@ -47,7 +56,8 @@ async def produce(bootstrap: str, topic: str, values: Iterable[bytes]) -> int:
     try:
         pending = []
         for value in values:
-            pending.append(await producer.send(topic, value))
+            partition = None if partitions is None else n % partitions
+            pending.append(await producer.send(topic, value, partition=partition))
             n += 1
             if len(pending) >= 5000:
                 await asyncio.gather(*pending)

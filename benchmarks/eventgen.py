@@ -13,19 +13,29 @@ names with their ``requestParameters``/``responseElements``, SDK ``userAgent`` s
 - some attacks (stolen instance credentials used from outside AWS or from another AWS address), some
   events whose strings carry JSON escapes (IAM policy documents), a few malformed lines.
 
-Nothing here calls the detector. ``python -m benchmarks.eventgen --events 1000 > out.jsonl`` writes a
-stream; the benchmark scripts import :func:`write_stream` / :func:`iter_events`.
+``SHAPES`` names the kinds of stream the benchmarks run (``--shape``): ``default`` (the stream above,
+events/100 instances, 2% issuance) and the fleets of issue 11 — 5,000 or 500 instances, ~7% credential
+issuance, ~5% decoys (records a byte-level or half-done check takes for instance sessions: session names
+``i-`` of the wrong length or case or with a suffix, ``aws:ec2-infrastructure`` sessions (SPEC §10), IAM
+users, federated users and ``Role``-typed identities named after real instances, IAM role ARNs, AssumeRole
+not by EC2 or not for an instance), ~1% lifecycle records (Stop/Start/TerminateInstances with their
+``EC2 Instance State-change Notification`` events, ``AssociateAddress``; a stopped instance makes no calls
+until started), and 5% of instance calls made with the ``aws:ec2-instance`` identity role (in scope, §10).
+
+Nothing here calls the detector. ``python -m benchmarks.eventgen --events 1000 [--shape fleet-5000] > out.jsonl`` writes
+a stream; the benchmark scripts import :func:`write_stream` / :func:`iter_events`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gzip
 import ipaddress
 import random
+import re
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -75,12 +85,21 @@ def _hex(rng: random.Random, n: int) -> str:
     return f"{rng.getrandbits(4 * n):0{n}x}"
 
 
+@functools.cache
+def _byte_table(alphabet: str) -> bytes:
+    """A 256-byte translation table mapping every byte value onto ``alphabet`` (nearly uniform)."""
+    return bytes(ord(alphabet[b % len(alphabet)]) for b in range(256))
+
+
 def _upper(rng: random.Random, n: int, alphabet: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") -> str:
-    return "".join(rng.choice(alphabet) for _ in range(n))
+    # random bytes translated onto the alphabet: ~20x cheaper than a choice() per character, which made
+    # the generator, not the detector, the slowest part of the million-session benchmarks
+    return rng.randbytes(n).translate(_byte_table(alphabet)).decode()
 
 
 def _uuid(rng: random.Random) -> str:
-    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    h = _hex(rng, 32)
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def ec2_networks(region: str = "us-east-1") -> list[ipaddress.IPv4Network]:
@@ -127,6 +146,8 @@ class Instance:
     vpce: str | None  # a VPC endpoint of its VPC (S3/DynamoDB gateway, interface endpoints)
     access_key: str
     delivery: str
+    identity_key: str = ""  # the access key of its aws:ec2-instance identity-role credentials
+    stopped: bool = False
 
 
 class World:
@@ -140,6 +161,7 @@ class World:
         self.instances = [self._instance(i) for i in range(instances)]
         self.time = datetime(2026, 5, 4, 8, 0, 0, tzinfo=timezone.utc)
         self.users = [f"user-{_hex(rng, 4)}" for _ in range(40)]
+        self.stopped: list[Instance] = []  # stopped instances, which make no calls until started again
 
     def _instance(self, i: int) -> Instance:
         rng = self.rng
@@ -156,6 +178,7 @@ class World:
             vpce=rng.choice(self.vpces[account]) if rng.random() < 0.6 else None,
             access_key="ASIA" + _upper(rng, 16),
             delivery="2.0" if rng.random() < 0.8 else "1.0",
+            identity_key="ASIA" + _upper(rng, 16),
         )
 
     def tick(self) -> str:
@@ -295,25 +318,30 @@ def _record(rng: random.Random, world: World, identity: dict[str, Any], account:
     return record
 
 
-def _instance_identity(inst: Instance, partition: str = "aws") -> dict[str, Any]:
+IDENTITY_ROLE = "aws:ec2-instance"  # SPEC §10: the instance identity role, an instance session like any other
+
+
+def _instance_identity(inst: Instance, partition: str = "aws", identity_role: bool = False) -> dict[str, Any]:
+    role, role_id = (IDENTITY_ROLE, "AROAEC2INSTANCEIDENTITY") if identity_role else (inst.role, inst.role_id)
     return {
         "type": "AssumedRole",
-        "principalId": f"{inst.role_id}:{inst.instance_id}",
-        "arn": f"arn:{partition}:sts::{inst.account}:assumed-role/{inst.role}/{inst.instance_id}",
+        "principalId": f"{role_id}:{inst.instance_id}",
+        "arn": f"arn:{partition}:sts::{inst.account}:assumed-role/{role}/{inst.instance_id}",
         "accountId": inst.account,
-        "accessKeyId": inst.access_key,
+        "accessKeyId": inst.identity_key if identity_role else inst.access_key,
         "sessionContext": {
-            "sessionIssuer": {"type": "Role", "principalId": inst.role_id,
-                              "arn": f"arn:{partition}:iam::{inst.account}:role/{inst.role}",
-                              "accountId": inst.account, "userName": inst.role},
+            "sessionIssuer": {"type": "Role", "principalId": role_id,
+                              "arn": f"arn:{partition}:iam::{inst.account}:role/{role}",
+                              "accountId": inst.account, "userName": role},
             "attributes": {"creationDate": "2026-05-04T06:12:40Z", "mfaAuthenticated": "false"},
             "ec2RoleDelivery": inst.delivery,
         },
     }
 
 
-def instance_event(world: World, inst: Instance, attack: str | None = None) -> dict[str, Any]:
-    """One API call made with ``inst``'s role credentials (``attack``: ``outside`` or ``inside``)."""
+def instance_event(world: World, inst: Instance, attack: str | None = None, identity_role: bool = False) -> dict[str, Any]:
+    """One API call made with ``inst``'s role credentials (``attack``: ``outside`` or ``inside``), or with
+    its ``aws:ec2-instance`` identity-role credentials when ``identity_role``."""
     rng = world.rng
     call = _call(rng, inst.account, inst.region)
     vpce = None
@@ -332,7 +360,7 @@ def instance_event(world: World, inst: Instance, attack: str | None = None) -> d
             vpce = (inst.vpce, inst.account)
         else:
             source_ip = inst.address
-    identity = _instance_identity(inst)
+    identity = _instance_identity(inst, identity_role=identity_role)
     if source_ip.endswith(".amazonaws.com") and rng.random() < 0.5:
         identity["invokedBy"] = source_ip
     return _record(rng, world, identity, inst.account, inst.region, source_ip, agent, call, vpce)
@@ -351,6 +379,21 @@ def issuance_event(world: World, inst: Instance) -> dict[str, Any]:
     return _record(rng, world, identity, inst.account, inst.region, "ec2.amazonaws.com", "ec2.amazonaws.com", call)
 
 
+def _role_session(rng: random.Random, account: str, role: str, session: str, role_id: str | None = None,
+                  identity_type: str = "AssumedRole") -> dict[str, Any]:
+    """The ``userIdentity`` of a role session ``role``/``session`` (not an instance's)."""
+    role_id = role_id or "AROA" + _upper(rng, 17, "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    return {
+        "type": identity_type, "principalId": f"{role_id}:{session}",
+        "arn": f"arn:aws:sts::{account}:assumed-role/{role}/{session}", "accountId": account,
+        "accessKeyId": "ASIA" + _upper(rng, 16),
+        "sessionContext": {"sessionIssuer": {"type": "Role", "principalId": role_id,
+                                             "arn": f"arn:aws:iam::{account}:role/{role}",
+                                             "accountId": account, "userName": role},
+                           "attributes": {"creationDate": "2026-05-04T07:01:12Z", "mfaAuthenticated": "false"}},
+    }  # fmt: skip
+
+
 def other_event(world: World) -> dict[str, Any]:
     """A record of any other identity: role sessions, IAM users, AWS services, root."""
     rng = world.rng
@@ -361,16 +404,7 @@ def other_event(world: World) -> dict[str, Any]:
     agent = rng.choice(USER_AGENTS)
     if k < 0.5:
         role, session = rng.choice(OTHER_ROLES)
-        role_id = "AROA" + _upper(rng, 17, "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-        identity: dict[str, Any] = {
-            "type": "AssumedRole", "principalId": f"{role_id}:{session}",
-            "arn": f"arn:aws:sts::{account}:assumed-role/{role}/{session}", "accountId": account,
-            "accessKeyId": "ASIA" + _upper(rng, 16),
-            "sessionContext": {"sessionIssuer": {"type": "Role", "principalId": role_id,
-                                                 "arn": f"arn:aws:iam::{account}:role/{role}",
-                                                 "accountId": account, "userName": role},
-                               "attributes": {"creationDate": "2026-05-04T07:01:12Z", "mfaAuthenticated": "false"}},
-        }
+        identity: dict[str, Any] = _role_session(rng, account, role, session)
         if role.startswith("AWSReserved"):
             agent = CONSOLE_AGENT
     elif k < 0.75:
@@ -396,56 +430,295 @@ MALFORMED = (b'{"version":"0","detail-type":"AWS API Call via CloudTrail","detai
              b'["not", "an", "object"]')
 
 
-def iter_events(n: int, seed: int = 7, instances: int | None = None, instance_share: float = 0.40,
-                attack_rate: float = 0.002, malformed_rate: float = 0.0005) -> Iterator[bytes]:
-    """``n`` EventBridge events as JSON lines (bytes, no newline), deterministic for a seed."""
-    world = World(seed, instances if instances is not None else max(50, n // 100))
+@dataclass(frozen=True)
+class Shape:
+    """The mix of one kind of stream; the benchmarks run several (``SHAPES``) and report the worst."""
+
+    name: str
+    description: str
+    instances: int | None = None  # distinct EC2 instances; None: events / 100 (~40 calls per session)
+    instance_share: float = 0.40  # API calls made with instance credentials
+    issuance_share: float = 0.02  # EC2's AssumeRole issuing (rotating) instance credentials
+    decoy_share: float = 0.0  # records that look like instance sessions but are not (SPEC §3, §10)
+    lifecycle_share: float = 0.0  # events of Stop/Start/TerminateInstances, state changes, AssociateAddress
+    identity_role_share: float = 0.0  # of instance calls, made with the aws:ec2-instance identity role (§10)
+    attack_rate: float = 0.002  # of instance calls, stolen credentials used from elsewhere
+    malformed_rate: float = 0.0005
+
+
+SHAPES: dict[str, Shape] = {
+    shape.name: shape
+    for shape in (
+        Shape("default", "the original stream: events/100 instances, 2% issuance, no decoys, no lifecycle records"),
+        Shape("fleet-5000", "5,000 instances, ~7% credential issuance, ~5% decoy sessions named like instances, "
+              "~1% lifecycle records, 5% of instance calls by the aws:ec2-instance role", instances=5000,
+              issuance_share=0.07, decoy_share=0.05, lifecycle_share=0.01, identity_role_share=0.05),
+        Shape("fleet-500", "as fleet-5000 with 500 instances (~160 calls per instance)", instances=500,
+              issuance_share=0.07, decoy_share=0.05, lifecycle_share=0.01, identity_role_share=0.05),
+    )
+}  # fmt: skip
+
+
+def shape_of(shape: Shape | str) -> Shape:
+    if isinstance(shape, Shape):
+        return shape
+    try:
+        return SHAPES[shape]
+    except KeyError:
+        raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}") from None
+
+
+def _decoy_identity(world: World, account: str) -> dict[str, Any]:
+    """An identity that a cheap test would take for an instance session and SPEC §3/§10 does not."""
+    rng = world.rng
+    inst = world.instances[rng.randrange(len(world.instances))] if world.instances else world._instance(0)
+    real = inst.instance_id  # a real instance's ID, used where no instance credential is
+    role = rng.choice(("ops-automation", "ssm-session-runner", "patch-orchestrator", "inventory-collector"))
+    role_id = "AROA" + _upper(rng, 17, "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    k = rng.randrange(9)
+    arn_type = "AssumedRole"
+    if k == 0:
+        session = "i-" + _hex(rng, 16)  # wrong length
+    elif k == 1:
+        session = "i-" + _hex(rng, 17).upper()  # uppercase hex
+    elif k == 2:
+        session = f"{real}-{rng.randrange(10**9, 10**10)}"  # an automation naming its sessions after instances
+    elif k == 3:
+        role, role_id, session = "aws:ec2-infrastructure", "AROAEC2INFRASTRUCTURE", real  # AWS's own (§10)
+    elif k == 4:
+        user = real
+        return {"type": "IAMUser", "principalId": "AIDA" + _upper(rng, 17, "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"),
+                "arn": f"arn:aws:iam::{account}:user/{user}", "accountId": account,
+                "accessKeyId": "AKIA" + _upper(rng, 16), "userName": user}
+    elif k == 5:
+        return {"type": "FederatedUser", "principalId": f"{account}:{real}",
+                "arn": f"arn:aws:sts::{account}:federated-user/{real}", "accountId": account,
+                "accessKeyId": "ASIA" + _upper(rng, 16),
+                "sessionContext": {"sessionIssuer": {"type": "IAMUser", "principalId": "AIDA" + _upper(rng, 17),
+                                                     "arn": f"arn:aws:iam::{account}:user/fleet-broker",
+                                                     "accountId": account, "userName": "fleet-broker"}}}
+    elif k == 6:
+        session = real
+        arn_type = "Role"  # an instance-like ARN under another identity type
+    elif k == 7:
+        session = f"{role}/{real}"  # one segment too many: not a role session ARN
+    else:
+        session = "i-" + _hex(rng, 17)
+        return {"type": "AssumedRole", "principalId": f"{role_id}:{session}",
+                "arn": f"arn:aws:iam::{account}:role/{role}", "accountId": account,  # an IAM role ARN, not sts
+                "accessKeyId": "ASIA" + _upper(rng, 16)}
+    return _role_session(rng, account, role, session, role_id, arn_type)
+
+
+def decoy_event(world: World) -> dict[str, Any]:
+    """A record named like an instance session (or an issuance) that is neither (SPEC §3, §10)."""
+    rng = world.rng
+    account = rng.choice(world.accounts)
+    region = rng.choice(REGIONS)
+    if rng.random() < 0.15:  # AssumeRole that is not EC2 issuing instance credentials
+        session = "i-" + _hex(rng, 17)
+        role = rng.choice(ROLE_NAMES)
+        role_arn = f"arn:aws:iam::{account}:role/{role}"
+        host = "lambda.amazonaws.com"
+        if rng.random() < 0.5:  # EC2 itself, for a session that is not an instance's
+            host, session = "ec2.amazonaws.com", f"ec2-fleet-{_hex(rng, 8)}"
+        call = ("sts.amazonaws.com", "AssumeRole", {"roleArn": role_arn, "roleSessionName": session},
+                {"credentials": {"accessKeyId": "ASIA" + _upper(rng, 16), "sessionToken": "IQoJb3JpZ2luX2VjE" + _hex(rng, 40),
+                                 "expiration": "May 4, 2026, 6:30:22 PM"}},
+                [{"accountId": account, "type": "AWS::IAM::Role", "ARN": role_arn}], True, "Management")
+        return _record(rng, world, {"type": "AWSService", "invokedBy": host}, account, region, host, host, call)
+    identity = _decoy_identity(world, account)
+    source_ip = _address_in(rng, world.ec2) if rng.random() < 0.7 else _outside_address(rng)
+    return _record(rng, world, identity, account, region, source_ip, rng.choice(USER_AGENTS), _call(rng, account, region))
+
+
+def _instances_set(ids: list[str], state: str | None = None) -> dict[str, Any]:
+    codes = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
+    items: list[dict[str, Any]] = []
+    for i in ids:
+        item: dict[str, Any] = {"instanceId": i}
+        if state is not None:
+            item["currentState"] = {"code": codes[state], "name": state}
+        items.append(item)
+    return {"items": items}
+
+
+def _operator(world: World, account: str) -> dict[str, Any]:
+    """Who stops, starts and re-addresses instances: an SSO admin, a CI role or Auto Scaling."""
+    rng = world.rng
+    if rng.random() < 0.3:
+        return {"type": "AWSService", "invokedBy": "autoscaling.amazonaws.com"}
+    role, session = rng.choice(OTHER_ROLES[1:5])
+    return _role_session(rng, account, role, session)
+
+
+def state_change_event(world: World, inst: Instance, state: str) -> dict[str, Any]:
+    """EventBridge's ``EC2 Instance State-change Notification`` (SPEC §10, §11)."""
+    return {
+        "version": "0", "id": _uuid(world.rng), "detail-type": "EC2 Instance State-change Notification",
+        "source": "aws.ec2", "account": inst.account, "time": world.tick(), "region": inst.region,
+        "resources": [f"arn:aws:ec2:{inst.region}:{inst.account}:instance/{inst.instance_id}"],
+        "detail": {"instance-id": inst.instance_id, "state": state},
+    }  # fmt: skip
+
+
+def lifecycle_events(world: World, inst: Instance | None = None) -> list[dict[str, Any]]:
+    """One lifecycle operation as the events it produces, in order (SPEC §11, §13): a stop (the API call,
+    then ``stopping`` and ``stopped`` notifications), a start of a stopped instance (call, ``pending``,
+    ``running``, and EC2 issuing fresh credentials), a terminate (replaced by a new instance), or an
+    Elastic IP moved onto the instance (``AssociateAddress``). Returns envelopes (state changes) and
+    CloudTrail records (to be wrapped)."""
+    rng = world.rng
+    insts = world.instances
+    r = rng.random()
+    if inst is None:
+        if r < 0.4 and world.stopped:
+            inst = world.stopped.pop(rng.randrange(len(world.stopped)))
+            r = -1.0  # start it
+        else:
+            inst = insts[rng.randrange(len(insts))]
+            if inst.stopped:
+                return []
+            r = 0.0 if r < 0.75 else (0.5 if r < 0.9 else 0.9)
+    account, region = inst.account, inst.region
+    operator = _operator(world, account)
+    source = "autoscaling.amazonaws.com" if operator["type"] == "AWSService" else _address_in(rng, world.ec2)
+
+    def call(name: str, params: dict[str, Any], response: Any) -> dict[str, Any]:
+        resources = [{"accountId": account, "type": "AWS::EC2::Instance",
+                      "ARN": f"arn:aws:ec2:{region}:{account}:instance/{inst.instance_id}"}]
+        return _record(rng, world, operator, account, region, source, rng.choice(USER_AGENTS),
+                       ("ec2.amazonaws.com", name, params, response, resources, False, "Management"))
+
+    ids = [inst.instance_id]
+    if r < 0:  # start: a new automatic public address, fresh credentials
+        inst.stopped = False
+        inst.address = _address_in(rng, world.ec2)
+        return [call("StartInstances", {"instancesSet": _instances_set(ids)}, {"instancesSet": _instances_set(ids, "pending")}),
+                state_change_event(world, inst, "pending"), state_change_event(world, inst, "running"),
+                issuance_event(world, inst)]  # fmt: skip
+    if r < 0.5:  # stop
+        inst.stopped = True
+        world.stopped.append(inst)
+        return [call("StopInstances", {"instancesSet": _instances_set(ids), "force": False},
+                     {"instancesSet": _instances_set(ids, "stopping")}),
+                state_change_event(world, inst, "stopping"), state_change_event(world, inst, "stopped")]  # fmt: skip
+    if r < 0.9:  # an Elastic IP moved onto it
+        inst.address = _address_in(rng, world.ec2)
+        return [call("AssociateAddress", {"instanceId": inst.instance_id, "allowReassociation": True,
+                                          "allocationId": f"eipalloc-0{_hex(rng, 16)}"},
+                     {"requestId": _uuid(rng), "_return": True, "associationId": f"eipassoc-0{_hex(rng, 16)}"})]  # fmt: skip
+    # terminate: gone for good, replaced by a new instance (as an Auto Scaling group does)
+    inst.stopped = True
+    events = [call("TerminateInstances", {"instancesSet": _instances_set(ids)},
+                   {"instancesSet": _instances_set(ids, "shutting-down")}),
+              state_change_event(world, inst, "shutting-down"), state_change_event(world, inst, "terminated")]  # fmt: skip
+    fresh = world._instance(len(insts) + rng.randrange(10**6))
+    insts[insts.index(inst)] = fresh
+    return events
+
+
+def _as_event(rng: random.Random, detail: dict[str, Any]) -> dict[str, Any]:
+    """An EventBridge envelope around a CloudTrail record; a state-change notification is one already."""
+    return detail if "detail-type" in detail else _envelope(rng, detail)
+
+
+def iter_events(n: int, seed: int = 7, instances: int | None = None, shape: Shape | str = "default",
+                **overrides: Any) -> Iterator[bytes]:
+    """``n`` EventBridge events of ``shape`` as JSON lines (bytes, no newline), deterministic for a seed.
+
+    ``instances`` and ``overrides`` (any :class:`Shape` field, e.g. ``attack_rate=0.0``) replace the shape's."""
+    sh = dataclasses.replace(shape_of(shape), **overrides)
+    count = instances if instances is not None else sh.instances
+    world = World(seed, count if count is not None else max(50, n // 100))
     rng = world.rng
     dumps = orjson.dumps
     insts = world.instances
-    for _ in range(n):
-        r = rng.random()
-        if r < malformed_rate:
+    queued: list[dict[str, Any]] = []
+    issuance_end = sh.instance_share + sh.issuance_share
+    decoy_end = issuance_end + sh.decoy_share
+    lifecycle_end = decoy_end + sh.lifecycle_share / 3  # an operation is ~3 events
+    produced = 0
+    while produced < n:
+        if queued:
+            yield dumps(_as_event(rng, queued.pop(0)))
+            produced += 1
+            continue
+        if rng.random() < sh.malformed_rate:
             yield rng.choice(MALFORMED)
+            produced += 1
             continue
         r = rng.random()
-        if r < instance_share:
+        if r < sh.instance_share:
             inst = insts[rng.randrange(len(insts))]
+            while inst.stopped:
+                inst = insts[rng.randrange(len(insts))]
             attack = None
-            if rng.random() < attack_rate:
+            if rng.random() < sh.attack_rate:
                 attack = "outside" if rng.random() < 0.6 else "inside"
-            detail = instance_event(world, inst, attack)
-        elif r < instance_share + 0.02:
-            detail = issuance_event(world, insts[rng.randrange(len(insts))])
+            detail = instance_event(world, inst, attack, identity_role=rng.random() < sh.identity_role_share)
+        elif r < issuance_end:
+            inst = insts[rng.randrange(len(insts))]
+            if inst.stopped:
+                continue
+            detail = issuance_event(world, inst)
+        elif r < decoy_end:
+            detail = decoy_event(world)
+        elif r < lifecycle_end:
+            queued = lifecycle_events(world)
+            continue
         else:
             detail = other_event(world)
         yield dumps(_envelope(rng, detail))
+        produced += 1
 
 
-def session_events(sessions: int, seed: int = 11) -> Iterator[bytes]:
-    """One or two events for each of ``sessions`` distinct instance sessions (the memory benchmark).
+def session_events(sessions: int, seed: int = 11, shape: Shape | str = "default") -> Iterator[bytes]:
+    """Events for each of ``sessions`` distinct instance sessions (the memory and restore benchmarks).
 
-    Every session gets its own instance and access key, calls from its own public address (learnt on
-    first use) and, for about a third, also through a VPC endpoint of its account.
+    Every session gets its own instance and access key and calls from its own public address (learnt on
+    first use); about a third also call through a VPC endpoint of their account. The shape adds its own
+    mix in proportion: a share of the sessions are of the ``aws:ec2-instance`` identity role, some get
+    their credentials rotated by an issuance record, some instances go through a lifecycle operation
+    after their calls, and decoy records (no session) are interleaved.
     """
+    sh = shape_of(shape)
     world = World(seed, instances=0)
     rng = world.rng
     dumps = orjson.dumps
+    # per session, in proportion to its instance calls in a stream of this shape
+    issuance = sh.issuance_share / sh.instance_share
+    decoys = sh.decoy_share / sh.instance_share
+    lifecycle = sh.lifecycle_share / sh.instance_share / 3  # an operation is ~3 events
     for i in range(sessions):
         inst = world._instance(i)
-        yield dumps(_envelope(rng, instance_event_via(world, inst, via_endpoint=False)))
+        identity_role = rng.random() < sh.identity_role_share
+        yield dumps(_envelope(rng, instance_event_via(world, inst, via_endpoint=False, identity_role=identity_role)))
         if inst.vpce is not None and rng.random() < 0.5:
-            yield dumps(_envelope(rng, instance_event_via(world, inst, via_endpoint=True)))
+            yield dumps(_envelope(rng, instance_event_via(world, inst, via_endpoint=True, identity_role=identity_role)))
+        if not identity_role and rng.random() < issuance:
+            yield dumps(_envelope(rng, issuance_event(world, inst)))
+            yield dumps(_envelope(rng, instance_event_via(world, inst, via_endpoint=False)))
+        if rng.random() < lifecycle:
+            world.instances = [inst]
+            for event in lifecycle_events(world, inst):
+                yield dumps(_as_event(rng, event))
+            world.instances = []
+            world.stopped.clear()
+        if decoys and rng.random() < decoys:
+            world.instances = [inst]
+            yield dumps(_envelope(rng, decoy_event(world)))
+            world.instances = []
 
 
-def instance_event_via(world: World, inst: Instance, via_endpoint: bool) -> dict[str, Any]:
+def instance_event_via(world: World, inst: Instance, via_endpoint: bool, identity_role: bool = False) -> dict[str, Any]:
     rng = world.rng
     call = _call(rng, inst.account, inst.region)
     if via_endpoint:
         source_ip, vpce = inst.private, (inst.vpce, inst.account)
     else:
         source_ip, vpce = inst.address, None
-    return _record(rng, world, _instance_identity(inst), inst.account, inst.region, source_ip,
+    return _record(rng, world, _instance_identity(inst, identity_role=identity_role), inst.account, inst.region, source_ip,
                    rng.choice(USER_AGENTS), call, vpce)  # type: ignore[arg-type]
 
 
@@ -461,13 +734,72 @@ def write_stream(path: Path, lines: Iterator[bytes]) -> tuple[int, int]:
     return count, size
 
 
+_SPEC_SESSION = re.compile(r"arn:[a-z-]+:sts::[0-9]{12}:assumed-role/([^/]+)/i-(?:[0-9a-f]{17}|[0-9a-f]{8})")
+_SPEC_INSTANCE_ID = re.compile(r"i-(?:[0-9a-f]{17}|[0-9a-f]{8})")
+_NAMED_LIKE_INSTANCE = re.compile(r"[:/]i-[0-9a-fA-F]{8}")
+
+
+def kind(line: bytes) -> str:
+    """What one generated line is under SPEC §2/§3/§10/§11, decided here independently of the detector."""
+    try:
+        event = orjson.loads(line)
+        detail = event["detail"]
+        identity = detail.get("userIdentity", {})
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return "malformed"
+    if event.get("detail-type") == "EC2 Instance State-change Notification":
+        return "lifecycle: state-change notification"
+    name = detail.get("eventName")
+    if name in ("StopInstances", "StartInstances", "TerminateInstances", "AssociateAddress"):
+        return "lifecycle: " + name
+    if name == "AssumeRole" and identity.get("invokedBy") == "ec2.amazonaws.com" and _SPEC_INSTANCE_ID.fullmatch(
+        str(detail["requestParameters"].get("roleSessionName"))
+    ):
+        return "credential issuance"
+    match = _SPEC_SESSION.fullmatch(str(identity.get("arn")))
+    if identity.get("type") == "AssumedRole" and match is not None:
+        role = match.group(1)
+        if role == IDENTITY_ROLE:
+            return "instance session: aws:ec2-instance role"
+        if not role.startswith("aws:"):
+            return "instance session"
+    if _NAMED_LIKE_INSTANCE.search(orjson.dumps(identity).decode()) or (
+        name == "AssumeRole" and str(detail["requestParameters"].get("roleSessionName")).startswith(("i-", "ec2-"))
+    ):
+        return "decoy (named like an instance session or issuance, is neither)"
+    return "other identity"
+
+
+def stats(lines: Iterator[bytes]) -> None:
+    """Print the share of every kind of line (``--stats``)."""
+    counts: dict[str, int] = {}
+    total = size = 0
+    for line in lines:
+        k = kind(line)
+        counts[k] = counts.get(k, 0) + 1
+        total += 1
+        size += len(line) + 1
+    print(f"{total:,} lines, {size / max(total, 1):.0f} bytes per line")
+    for k, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"{n / total:8.2%}  {k}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--shape", default="default", choices=sorted(SHAPES))
+    parser.add_argument("--sessions", type=int, default=None,
+                        help="instead of --events: the session stream of the memory/restore benchmarks")  # fmt: skip
+    parser.add_argument("--stats", action="store_true", help="print the mix of the stream instead of the stream")
     args = parser.parse_args(argv)
     out: IO[bytes] = sys.stdout.buffer
-    for line in iter_events(args.events, args.seed):
+    lines = (session_events(args.sessions, args.seed, args.shape) if args.sessions is not None
+             else iter_events(args.events, args.seed, shape=args.shape))  # fmt: skip
+    if args.stats:
+        stats(lines)
+        return
+    for line in lines:
         out.write(line + b"\n")
 
 
