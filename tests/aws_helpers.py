@@ -10,11 +10,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
+import pytest
 
 from detector.embedded import free_port
 
@@ -391,3 +392,13 @@ class FaultProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    """One moto server for a test module (import the fixture into the module)."""
+    server = MotoServer()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aws_helpers import FaultProxy, MotoServer, s3_error, sqs_error
+from aws_helpers import FaultProxy, MotoServer, moto, s3_error, sqs_error  # noqa: F401 - moto: fixture
 from ingest_support import (
     aws_env,
     drain_queue,
@@ -53,15 +53,6 @@ from detector.service.logging import configure_logging
 pytestmark = [pytest.mark.kafka, pytest.mark.aws]
 
 INSTANCE = "i-0123456789abcdef0"
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -12,13 +12,12 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aws_helpers import ROOT_KEYS, MotoServer, cli_env, create_user
+from aws_helpers import ROOT_KEYS, MotoServer, cli_env, create_user, moto  # noqa: F401 - moto: fixture
 from test_replay import findings_of, summary_of
 from worldgen import make_world, summarize
 
@@ -73,15 +72,6 @@ class Bucket:
 
     def local(self, since: date | None = None, until: date | None = None) -> list[Path]:
         return [p for _, p, d in self.files if (since is None or d >= since) and (until is None or d <= until)]
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
