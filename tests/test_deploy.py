@@ -974,15 +974,21 @@ def json_blocks(markdown: str) -> list[Any]:
     return [json.loads(block) for block in re.findall(r"^```json\n(.*?)^```", markdown, re.S | re.M)]
 
 
-def test_findings_doc_examples_are_real_replay_output() -> None:
+def test_findings_doc_examples_are_real_replay_output(tmp_path: Path) -> None:
+    from worldgen import make_world, write_world
+
     world = sample_world()
     real = replay_findings("--registry", str(world.registry), *world.inputs)
     real.update(replay_findings(str(REPO / "tests" / "fixtures" / "invictus-aws" / "CloudTrail")))
+    generated = make_world(7, n_accounts=3, instances_per_account=3)  # the part-two examples
+    registry = tmp_path / "registry.json"
+    registry.write_bytes(orjson.dumps(generated.registry))
+    real.update(replay_findings("--registry", str(registry), *map(str, write_world(generated, tmp_path / "world"))))
     blocks = json_blocks((REPO / "docs" / "findings.md").read_text())
     findings = [b for b in blocks if isinstance(b, dict) and "schemaVersion" in b]
     envelopes = [b for b in blocks if isinstance(b, dict) and b.get("detail-type") == "GuardDuty Finding"]
     types = {f["type"].rsplit(".", 1)[-1] for f in findings}
-    assert types == {"InsideAWS", "OutsideAWS"}, types
+    assert types == {"InsideAWS", "OutsideAWS", "AfterInstanceStopped", "OtherInstance"}, types
     for finding in findings:
         assert finding == real.get(finding["id"]), f"example {finding['id']} is not what `detector replay` produces"
     assert any(f["accountId"] == "123837392027" for f in findings), "the Invictus (real attack) finding"
