@@ -436,6 +436,50 @@ async def test_respond_apply_attaches_exactly_the_expected_statements_twice_the_
     assert again.statements_present._value.get() == metrics.statements_added._value.get()
 
 
+async def test_respond_contains_part_two_findings_per_spec(broker: EmbeddedBroker, moto: MotoServer, aws_ranges: Any) -> None:  # noqa: F811
+    """SPEC §14 on part two's High types, against IAM: AfterInstanceStopped is denied by token issue time
+    before the stop, OtherInstance by the other instance's address (`aws:VpcSourceIp` through an endpoint,
+    else `aws:SourceIp`); findings of AWS's reserved identity role are skipped, never attempted."""
+    world = make_world(5, n_accounts=2, instances_per_account=3)  # every part-two case
+    replayer = Replayer(Engine(registry_from_mapping(world.registry, "world"), aws_ranges))
+    for raw in world.messages():
+        replayer.feed_raw(raw)
+    findings = {f["id"]: f for f in replayer.findings()}
+    roles = create_roles(moto, world)
+    topic = unique("findings")
+    messages = [(i.encode(), orjson.dumps(f)) for i, f in findings.items()]
+    await produce(broker.bootstrap, topic, messages)
+    metrics = RespondMetrics()
+    settings = respond_settings(broker.bootstrap, topic, apply=True)
+    await drain(FindingConsumer(settings, metrics, Responder(settings, metrics)), len(messages))
+    statements = {s["Sid"]: s for doc in role_policies(moto, roles).values() for s in doc["Statement"]}
+    high = [f for f in findings.values() if f["severity"] == 8]
+    reserved = [f for f in high if f["resource"]["accessKeyDetails"]["userName"].startswith("aws:")]
+    checked = {"AfterInstanceStopped": 0, "OtherInstance": 0}
+    rolled_off = 0  # a role's oldest statements roll off at IAM's inline policy size limit (counted)
+    for f in high:
+        kind = f["type"].rsplit(".", 1)[-1]
+        if f in reserved or sid(f["id"]) not in statements:
+            assert sid(f["id"]) not in statements
+            rolled_off += f not in reserved
+            continue
+        condition = statements[sid(f["id"])]["Condition"]
+        instance = f["resource"]["instanceDetails"]["instanceId"]
+        assert condition["ArnLike"] == {"ec2:SourceInstanceARN": f"arn:aws:ec2:*:{f['accountId']}:instance/{instance}"}
+        info = f["service"]["additionalInfo"]
+        if kind == "AfterInstanceStopped":
+            assert condition["DateLessThan"] == {"aws:TokenIssueTime": info["stoppedAt"]}
+            checked[kind] += 1
+        elif kind == "OtherInstance":
+            key = "aws:VpcSourceIp" if info.get("vpcEndpointId") else "aws:SourceIp"
+            assert list(condition["IpAddress"]) == [key]
+            assert condition["IpAddress"][key].split("/")[0] == info["address"]
+            checked[kind] += 1
+    assert all(checked.values()), checked
+    assert reserved and metrics.skipped.labels("reserved_role")._value.get() == len(reserved)
+    assert metrics.rolled_off._value.get() == rolled_off
+
+
 async def test_respond_faults_role_gone_limit_throttling_pattern_and_size(
     broker: EmbeddedBroker, moto: MotoServer, aws_ranges: Any, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:

@@ -60,6 +60,12 @@ def test_parse_bare_enveloped_and_bad_messages(findings: list[dict[str, Any]]) -
     for broken in ({"id": "XYZ"}, {"accountId": "12"}, {"updatedAt": "yesterday"}, {"severity": "high"},
                    {"resource": {"accessKeyDetails": {}}}):  # fmt: skip
         assert parse_finding(orjson.dumps(f | broken)) == INVALID, broken
+    # the instance identity role is in scope (SPEC §10): its findings are ours too (respond skips the role)
+    identity = copy.deepcopy(f)
+    identity["resource"]["accessKeyDetails"]["userName"] = "aws:ec2-instance"
+    assert parsed(identity).role == "aws:ec2-instance"
+    identity["resource"]["accessKeyDetails"]["userName"] = "ec2:instance"
+    assert parse_finding(orjson.dumps(identity)) == INVALID
 
 
 def test_asff_of_a_finding(findings: list[dict[str, Any]]) -> None:

@@ -28,7 +28,7 @@ OCSF_DETECTION_FINDING = 2004  # OCSF class_uid
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 _ACCOUNT_RE = re.compile(r"\d{12}")
 _INSTANCE_RE = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
-_ROLE_RE = re.compile(r"[\w+=,.@-]{1,64}")
+_ROLE_RE = re.compile(r"(?:aws:)?[\w+=,.@-]{1,64}")  # aws: AWS's reserved roles, e.g. aws:ec2-instance (SPEC §10)
 _PARTITION_RE = re.compile(r"aws(?:-[a-z]+)*")
 
 

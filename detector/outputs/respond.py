@@ -36,6 +36,9 @@ NOT_NEW = "not_new"  # a later state of a finding already handled
 LOW_SEVERITY = "severity"  # below 8: not contained
 ROLE_NOT_ALLOWED = "role_not_allowed"  # outside role_name_pattern
 ROLE_GONE = "role_gone"  # IAM NoSuchEntity: the role no longer exists
+# AWS's reserved roles (the instance identity role `aws:ec2-instance`, SPEC §10) are not IAM roles of the
+# account: no policy can be attached to them (contain by isolating the instance instead; docs/runbook.md)
+RESERVED_ROLE = "reserved_role"
 LIMIT_EXCEEDED = "limit_exceeded"  # IAM LimitExceeded on PutRolePolicy
 POLICY_TOO_LARGE = "policy_too_large"  # the statement cannot fit beside the role's other inline policies
 OTHER_ACCOUNT = "other_account"  # the credentials at hand are another account's (no assume_role_arn)
@@ -49,7 +52,7 @@ class RespondMetrics(OutputMetrics):
     def __init__(self) -> None:
         super().__init__(
             "detector_respond",
-            skip_reasons=(NOT_NEW, LOW_SEVERITY, ROLE_NOT_ALLOWED, ROLE_GONE, OTHER_ACCOUNT, NO_ADDRESS, UNSUPPORTED_TYPE),
+            skip_reasons=(NOT_NEW, LOW_SEVERITY, RESERVED_ROLE, ROLE_NOT_ALLOWED, ROLE_GONE, OTHER_ACCOUNT, NO_ADDRESS, UNSUPPORTED_TYPE),
             fail_reasons=(LIMIT_EXCEEDED, POLICY_TOO_LARGE),
         )
         r = self.registry
@@ -97,6 +100,9 @@ class Responder:
             taken.add(f.id)
             if f.severity < CONTAINED_SEVERITY:
                 self._skip(item, LOW_SEVERITY, "debug")
+                continue
+            if f.role.startswith("aws:"):
+                self._skip(item, RESERVED_ROLE, "warning", hint="AWS's own role: isolate the instance instead")
                 continue
             stmt = statement(f)
             if isinstance(stmt, str):
