@@ -208,7 +208,7 @@ def scan_lines(
 
     Each line is decoded by ``fast`` (its EventBridge shape inlined). A line that is another
     EventBridge event, or a CloudTrail record that cannot matter (not ``AssumeRole`` nor a lifecycle
-    signal's eventName, and no ``AssumedRole`` ARN containing ``/i-``: :meth:`Engine.apply_fast`
+    signal's eventName, and no ``AssumedRole`` ARN containing ``/i-``: :meth:`Engine.apply`
     would only count it), is only
     counted: ``tally(skipped, counted)`` once per block. Every other line goes to
     ``take(line, result, start, end)`` in input order, with the decoder's result (a record,
@@ -405,7 +405,7 @@ class Replayer:
         (``SKIPPED``), or the line given to the reference decode (``None``). A closure over this
         replay's parts, as it runs once per record that may matter."""
         summary, final, state = self.summary, self.final, self.state
-        apply_fast, feed_raw, malformed = self.engine.apply_fast, self.feed_raw, self._malformed
+        apply, feed_raw, malformed = self.engine.apply, self.feed_raw, self._malformed
 
         def take(line: Any, result: FastRecord | str | None, start: int, end: int) -> None:
             if result is None:
@@ -418,7 +418,7 @@ class Replayer:
                 return
             summary.records += 1
             try:
-                changes = apply_fast(state, result)
+                changes = apply(state, result)
             except MalformedRecord as exc:
                 malformed(exc.reason)
                 return

@@ -1,7 +1,9 @@
-"""The engine's fast path (``Engine.apply_fast`` on a ``FastRecord``) decides exactly as the reference
-path (``Engine.apply`` on the full record): a model test over random record sequences.
+"""``Engine.apply`` decides the same on the fast decoder's ``FastRecord`` of an input as on the reference
+decoder's full dict record (converted once by ``records.as_record``) and on the record read back from
+its sessions-topic value (``records.encode_routed``/``decode_routed``): a model test over random record
+sequences.
 
-The sequences hit what the fast path inlines or memoizes: the origin memo (plain addresses, VPC
+The sequences hit what the decision memoizes or shortcuts: the origin memo (plain addresses, VPC
 endpoints with and without an owner account, services, an address that is not one), a registry or AWS
 ranges replaced mid-stream, the newest access key again and rotations, ``ec2RoleDelivery`` values,
 first-use addresses, the inlined touch of a live session (with sessions idle past the TTL, evicted by
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 from detector.core.addresses import AddressIndex
 from detector.core.engine import Engine, MalformedRecord
 from detector.core.findings import render
-from detector.core.records import SKIPPED, FastDecoder, FastRecord
+from detector.core.records import SKIPPED, FastDecoder, FastRecord, StateChange, _project, as_record, decode_routed, encode_routed
 from detector.core.registry import registry_from_mapping
 from detector.core.state import DetectorState, EngineConfig
 
@@ -142,7 +144,7 @@ def snapshot(engine: Engine, state: DetectorState) -> Any:
 
 def apply(engine: Engine, state: DetectorState, record: Any, fast: bool) -> Any:
     try:
-        changes = engine.apply_fast(state, record) if fast else engine.apply(state, record)
+        changes = engine.apply(state, record)
     except MalformedRecord as exc:
         return ("malformed", exc.reason)
     return [(render(c.group), c.new) for c in changes]
@@ -150,7 +152,7 @@ def apply(engine: Engine, state: DetectorState, record: Any, fast: bool) -> Any:
 
 @settings(max_examples=300, deadline=None)
 @given(steps=st.lists(STEP, min_size=5, max_size=80), track=st.booleans(), aws_ranges_small=st.booleans())
-def test_apply_fast_decides_as_apply(steps: list[tuple[int, ...]], track: bool, aws_ranges_small: bool, aws_ranges: Any) -> None:
+def test_fast_decoder_records_decide_as_reference_records(steps: list[tuple[int, ...]], track: bool, aws_ranges_small: bool, aws_ranges: Any) -> None:
     config = EngineConfig(session_ttl_seconds=3600.0, max_sessions=3, finding_ttl_seconds=7200.0, max_findings=4)
     ranges = RANGES_SMALL if aws_ranges_small else aws_ranges
     reference, fast = Engine(REGISTRY_A, ranges), Engine(REGISTRY_A, ranges)
@@ -169,6 +171,33 @@ def test_apply_fast_decides_as_apply(steps: list[tuple[int, ...]], track: bool, 
         record = make_record(step, now)
         assert apply(fast, fast_state, fast_record(record), True) == apply(reference, ref_state, record, False)
         assert snapshot(fast, fast_state) == snapshot(reference, ref_state)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(STEP, min_size=1, max_size=30))
+def test_routed_records_round_trip(steps: list[tuple[int, ...]]) -> None:
+    """``decode_routed(encode_routed(r))`` is the record itself, for the route stage's dicts and for the
+    fast decoder's structs; and an older JSON value is still read."""
+    now = 8 * 3600.0
+    for step in steps:
+        now = max(0.0, now + step[-1])
+        record = make_record(step, now)
+        struct = fast_record(record)
+        expected = as_record(record)
+        assert decode_routed(encode_routed(record)) == expected
+        assert decode_routed(encode_routed(struct)) == as_record(_project(struct))
+        assert decode_routed(json.dumps(record).encode()) == expected
+
+
+def test_routed_state_changes_and_values_that_are_not_records() -> None:
+    change = {"detail-type": "EC2 Instance State-change Notification", "eventTime": "2026-05-04T10:00:00Z",
+              "detail": {"instance-id": "i-0123456789abcdef0", "state": "stopped"}, "id": "ev-1"}  # fmt: skip
+    assert decode_routed(encode_routed(change)) == StateChange("2026-05-04T10:00:00Z", "i-0123456789abcdef0", "stopped", "ev-1")
+    assert decode_routed(json.dumps(change).encode()) == decode_routed(encode_routed(change))
+    big = make_record((0, 0, 0, 0, 0, 0, 0, 1, 2, 1, 0), 8 * 3600.0) | {"eventID": 1 << 70}  # beyond msgpack
+    assert encode_routed(big).startswith(b"{") and decode_routed(encode_routed(big)) == as_record(big)
+    for value in (None, b"", b"not json", b"[1, 2]", b'{"a": 1}', b"\x01\xc1", b"\x02\x93"):
+        assert decode_routed(value) is None
 
 
 def test_a_repeated_session_and_address_is_decided_again_after_eviction(aws_ranges: Any) -> None:

@@ -1,8 +1,10 @@
 """SPEC part two in the pure core, one hand-built record at a time: §10 (input refinements), §11 (use after
 the instance stopped), §12 (use from another instance), §13 (IMDSv1, first-use resets, apiCalls/errorCodes).
 
-Every scenario runs through both engine paths — ``Engine.apply`` on the reference decoder's dicts and
-``Engine.apply_fast`` on the fast decoder's structs — and both must give the same finding groups.
+Every scenario runs through the three ways a record reaches ``Engine.apply`` — the fast decoder's struct
+(replay), the reference decoder's dict converted once (inputs the fast decoder refuses), and a routed
+record read back from its sessions-topic value (the service's detect stage) — and all must give the same
+finding groups.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from test_engine_decisions import AWS, HOME, HUB, REGISTRY, issuance, rec
 
 from detector.core import DetectorState, Engine, registry_from_mapping, render
 from detector.core.engine import AFTER_STOP, IMDSV1, INSIDE_AWS, OTHER_INSTANCE, OUTSIDE_AWS, finding_id, record_instances
-from detector.core.records import FastDecoder, classify, decode, decode_fast
+from detector.core.records import FastDecoder, classify, decode, decode_fast, decode_routed, encode_routed
 from detector.core.registry import RegistryError
 
 I = "i-0123456789abcdef0"
@@ -100,27 +102,30 @@ def associate(instance: str | None, time: str, **extra: Any) -> dict[str, Any]:
 
 
 def run(records: list[dict[str, Any]], registry: Any = REGISTRY, **options: Any) -> dict[str, Any]:
-    """Apply ``records`` (as input values) on both engine paths; the final groups by id (equal on both)."""
+    """Apply ``records`` (as input values) by the three ways in; the final groups by id (equal on all)."""
     results = []
-    for fast in (False, True):
+    for way in ("dict", "fast", "routed"):
         engine, state = Engine(registry, AWS, **options), DetectorState()
         groups: dict[str, Any] = {}
         decoder = FastDecoder()
         for value in records:
             raw = orjson.dumps(value)
             decoded: list[Any]
-            if fast:
+            if way == "fast":
                 one = decoder.decode_line(raw)
                 decoded = [one] if one is not None and not isinstance(one, str) else decode(raw).records
+            elif way == "routed":  # the route stage's projected dicts, through the sessions topic
+                decoded = [decode_routed(encode_routed(r)) for r in decode_fast(raw).records]
             else:
-                decoded = decode_fast(raw).records  # the service's route stage: projected dicts
+                decoded = decode(raw).records  # the reference decoder's dicts, converted by apply
             for record in decoded:
                 for change in engine.apply(state, record):
                     groups[change.group.id] = change.group
         results.append({gid: render(g) for gid, g in groups.items()})
-    plain, fast_ = results
+    plain, fast_, routed = results
     strip = lambda fs: {k: {**f, "createdAt": None, "updatedAt": None} for k, f in fs.items()}  # noqa: E731
-    assert strip(plain) == strip(fast_), "apply and apply_fast disagree"
+    assert strip(plain) == strip(fast_), "the reference decoder's records and the fast decoder's disagree"
+    assert strip(plain) == strip(routed), "a routed record decides otherwise than the record it came from"
     return plain
 
 

@@ -14,11 +14,10 @@ from typing import Any
 
 from .addresses import V4, AddressIndex, format_address, is_global, parse_address
 from .registry import _ALL as _ALL_HOMES
-from .records import SIGNAL_NAMES, STATE_CHANGE, _project
+from .records import SIGNAL_NAMES, STATE_CHANGE, FastRecord, Record, StateChange, as_record
 from .registry import EMPTY_REGISTRY, Registry
 from .state import (
     _INSTANCE_KEY_MASK,
-    L_LAST,
     L_PREV,
     L_PREV_STATE,
     L_RESET_IDS,
@@ -35,13 +34,6 @@ from .state import (
     FindingGroup,
     Session,
     SessionIndex,
-    _AK_LEN,
-    _DELIVERY_MASK,
-    _DELIVERY_SEEN,
-    _DELIVERY_SHIFT,
-    F_AK,
-    F_TOFU4,
-    _ENDPOINTS,
     pack_key,
     parse_session_key,
 )
@@ -165,26 +157,34 @@ def session_parts(record: dict[str, Any]) -> tuple[str, str, str, str, str] | No
     return arn, m.group(1), m.group(2), m.group(3), m.group(4)
 
 
-def issuance_parts(record: dict[str, Any]) -> tuple[str, str, str, str, str, str | None] | None:
-    """For EC2's own AssumeRole that issues instance credentials: key parts and the new access key."""
-    if record.get("eventName") != "AssumeRole":
+def issuance(record: FastRecord) -> tuple[str, int, str, str, str, str, str | None] | None:
+    """For EC2's own AssumeRole that issues instance credentials (SPEC §3): ``(session_key, packed_key,
+    partition, account, role, instance_id, new access key or None)``; else None."""
+    if record.eventName != "AssumeRole" or record.userIdentity.invokedBy != "ec2.amazonaws.com":
         return None
-    identity = record.get("userIdentity")
-    if not isinstance(identity, dict) or identity.get("invokedBy") != "ec2.amazonaws.com":
+    params = record.requestParameters
+    if params is None:
         return None
-    params = record.get("requestParameters")
-    if not isinstance(params, dict):
-        return None
-    issued = issuance_key(params.get("roleSessionName"), params.get("roleArn"))
+    issued = issuance_key(params.roleSessionName, params.roleArn)
     if issued is None:
         return None
-    key, _, partition, account, role, instance_id = issued
     access_key = None
-    response = record.get("responseElements")
-    if isinstance(response, dict):
-        creds = response.get("credentials")
-        if isinstance(creds, dict) and isinstance(creds.get("accessKeyId"), str):
-            access_key = creds["accessKeyId"]  # never the sessionToken
+    response = record.responseElements
+    if response is not None and response.credentials is not None:
+        access_key = response.credentials.accessKeyId  # never the sessionToken
+        if type(access_key) is not str:
+            access_key = None
+    return (*issued, access_key)
+
+
+def issuance_parts(record: dict[str, Any]) -> tuple[str, str, str, str, str, str | None] | None:
+    """:func:`issuance` of a plain-dict record: ``(session_key, partition, account, role, instance_id,
+    access key)``."""
+    converted = as_record(record)
+    issued = issuance(converted) if type(converted) is FastRecord else None
+    if issued is None:
+        return None
+    key, _, partition, account, role, instance_id, access_key = issued
     return key, partition, account, role, instance_id, access_key
 
 
@@ -219,16 +219,12 @@ def _instance_ids(items: Any) -> list[str]:
     return [item["instanceId"] for item in items if isinstance(item, dict) and isinstance(item.get("instanceId"), str)]
 
 
-def signals(record: dict[str, Any]) -> tuple[str, list[str], str | None]:
+def signals(record: Record) -> tuple[str, list[str], str | None]:
     """The lifecycle and address signals of a record (SPEC §11, §13): ``(kind, instance IDs, state)``;
     kind ``stop`` (state ``stopped``/``terminated``), ``start`` (resets first-use addresses too),
     ``reset`` (AssociateAddress), or ``""`` for none. A failed (``errorCode``) or DryRun call is none."""
-    if record.get("detail-type") == STATE_CHANGE:
-        detail = record.get("detail")
-        if not isinstance(detail, dict):
-            return "", [], None
-        state = detail.get("state")
-        instance_id = detail.get("instance-id")
+    if type(record) is StateChange:
+        instance_id, state = record.instance_id, record.state
         if not isinstance(instance_id, str):
             return "", [], None
         if state in _STOP_STATES:
@@ -236,47 +232,58 @@ def signals(record: dict[str, Any]) -> tuple[str, list[str], str | None]:
         if state in _START_STATES:
             return "start", [instance_id], None
         return "", [], None
-    name = record.get("eventName")
-    if not isinstance(name, str) or name not in SIGNAL_NAMES or record.get("errorCode"):
+    name = record.eventName
+    if type(name) is not str or name not in SIGNAL_NAMES or record.errorCode:
         return "", [], None
-    params = record.get("requestParameters")
-    if not isinstance(params, dict):
-        params = {}
-    if params.get("dryRun") is True:
+    params = record.requestParameters
+    if params is not None and params.dryRun is True:
         return "", [], None
     if name == "BidEvictedEvent":
-        details = record.get("serviceEventDetails")
+        details = record.serviceEventDetails
         ids = details.get("instanceIdSet") if isinstance(details, dict) else None
         if not isinstance(ids, list):
             return "", [], None
         return "stop", [i for i in ids if isinstance(i, str)], TERMINATED
-    if record.get("eventSource") != _EC2:
+    if record.eventSource != _EC2:
         return "", [], None
     if name == "AssociateAddress":
-        instance_id = params.get("instanceId")
+        instance_id = params.instanceId if params is not None else None
         return ("reset", [instance_id], None) if isinstance(instance_id, str) else ("", [], None)
-    response = record.get("responseElements")
-    ids = _instance_ids(response.get("instancesSet")) if isinstance(response, dict) else []
-    if not ids:
-        ids = _instance_ids(params.get("instancesSet"))
+    response = record.responseElements
+    ids = _instance_ids(response.instancesSet) if response is not None else []
+    if not ids and params is not None:
+        ids = _instance_ids(params.instancesSet)
     if name == "StartInstances":
         return "start", ids, None
     return "stop", ids, TERMINATED if name == "TerminateInstances" else STOPPED
 
 
-def record_instances(record: dict[str, Any], parts: Any = False) -> list[str]:
+def record_instances(record: dict[str, Any] | Record, parts: Any = False) -> list[str]:
     """Every instance a record concerns (SPEC §10: its partitioning keys): the instance of its session,
     the instance an issuance record issues credentials for, and the instances of its signals.
-    ``parts``: the record's :func:`session_parts` when the caller has them."""
+    ``parts``: a plain-dict record's :func:`session_parts` when the caller has them."""
+    if isinstance(record, dict):
+        if parts is False:
+            parts = session_parts(record)
+        name = record.get("eventName")
+        if not (name == "AssumeRole" or record.get("detail-type") == STATE_CHANGE or (type(name) is str and name in SIGNAL_NAMES)):
+            return [] if parts is None else [parts[4]]  # the usual record: no issuance, no signal
+        converted = as_record(record)
+        if converted is None:
+            return [] if parts is None else [parts[4]]
+        record = converted
+    elif parts is False:
+        identity = getattr(record, "userIdentity", None)
+        arn = identity.arn if identity is not None and identity.type == "AssumedRole" else None
+        parsed = parse_session_key(arn) if type(arn) is str else None
+        parts = None if parsed is None else (arn, *parsed[1:])
     out: list[str] = []
-    if parts is False:
-        parts = session_parts(record)
     if parts is not None:
         out.append(parts[4])
-    else:
-        issued = issuance_parts(record)
+    elif type(record) is not StateChange:
+        issued = issuance(record)  # type: ignore[arg-type]
         if issued is not None:
-            out.append(issued[4])
+            out.append(issued[5])
     kind, ids, _ = signals(record)
     if kind:
         out.extend(i for i in ids if i not in out and instance_bits(i) is not None)
@@ -471,52 +478,46 @@ class Engine:
     # --- SPEC §3, §5 -------------------------------------------------------------------------------
 
     def apply(self, state: DetectorState, record: Any, only: str | None = None) -> list[FindingChange]:
-        """Apply one CloudTrail record to ``state``; return the finding groups it opened or changed.
+        """Apply one record to ``state``; return the finding groups it opened or changed.
 
-        ``record`` is a parsed CloudTrail record (a dict), a state-change record
-        (:func:`detector.core.records.classify`), or a record decoded by :mod:`detector.core.records`'
-        fast path. ``only`` (an instance ID) limits the record's effect to what concerns that instance:
-        the service applies one routed copy per instance (SPEC §10). Raises :class:`MalformedRecord` for
-        an instance-credential record that cannot be decided.
+        ``record`` is the engine's record type (:data:`detector.core.records.Record`: a ``FastRecord``
+        of the fast decoder, or a ``StateChange``), or a plain-dict record of the reference decoder
+        (:func:`detector.core.records.classify`), converted once. ``only`` (an instance ID) limits the
+        record's effect to what concerns that instance: the service applies one routed copy per instance
+        (SPEC §10). Raises :class:`MalformedRecord` for an instance-credential record that cannot be
+        decided.
         """
-        if not isinstance(record, dict):
-            if only is None:
-                return self.apply_fast(state, record)
-            record = _project(record)
+        if isinstance(record, dict):
+            record = as_record(record)
         self.counters.records += 1
-        if record.get("detail-type") == STATE_CHANGE:
+        if record is None:
+            return []  # no userIdentity object: nothing to decide
+        if type(record) is StateChange:
             if not self._repeated_signal(state, record, only):
                 self._signals(state, record, only)
             return []
-        identity = record.get("userIdentity")
-        if not isinstance(identity, dict):
-            return []
-        name = record.get("eventName")
-        if isinstance(name, str) and name in SIGNAL_NAMES and self._repeated_signal(state, record, only):
+        name = record.eventName
+        signal = type(name) is str and name in SIGNAL_NAMES
+        if signal and self._repeated_signal(state, record, only):
             return []  # a repeated delivery of a reset already applied: the same event changes nothing more
+        identity = record.userIdentity
         changes: list[FindingChange] = []
-        if identity.get("type") == "AssumedRole":
-            arn = identity.get("arn")
-            parsed = self._session_arn(arn, state) if isinstance(arn, str) else None
+        arn = identity.arn
+        if identity.type == "AssumedRole" and type(arn) is str:
+            parsed = self._arns.get(arn, _MISS)
+            if parsed is _MISS:
+                parsed = self._session_arn(arn, state)
             if parsed is not None and (only is None or only == parsed[4]):
-                context = identity.get("sessionContext")
-                delivery = context.get("ec2RoleDelivery") if isinstance(context, dict) else None
-                changes = self._session_record(
-                    state, arn, parsed, record, identity,
-                    record.get("eventTime"), record.get("sourceIPAddress"), identity.get("invokedBy"),
-                    record.get("vpcEndpointId"), record.get("vpcEndpointAccountId"),
-                    identity.get("accessKeyId"), delivery,
-                )  # fmt: skip
-        if name == "AssumeRole" and identity.get("invokedBy") == "ec2.amazonaws.com":
-            issued = issuance_parts(record)
-            if issued is not None and (only is None or only == issued[4]):
-                key, partition, account, role, instance_id, access_key = issued
-                self._enrich(state, record.get("eventTime"), key, pack_key(partition, account, role, instance_id), access_key)
-        elif isinstance(name, str) and name in SIGNAL_NAMES:
+                changes = self._session_record(state, arn, parsed, record, identity)  # type: ignore[arg-type]
+        if name == "AssumeRole" and identity.invokedBy == "ec2.amazonaws.com":
+            issued = issuance(record)
+            if issued is not None and (only is None or only == issued[5]):
+                self._enrich(state, record.eventTime, issued[0], issued[1], issued[6])
+        elif signal:
             self._signals(state, record, only)
         return changes
 
-    def _repeated_signal(self, state: DetectorState, record: dict[str, Any], only: str | None) -> bool:
+    def _repeated_signal(self, state: DetectorState, record: Record, only: str | None) -> bool:
         """Whether ``record`` is a repeated delivery (same event ID) of an address reset already applied
         (SPEC §13): applied again, it would forget what was learnt since the first delivery."""
         event_id = _signal_id(record)
@@ -532,16 +533,16 @@ class Engine:
                 return True
         return False
 
-    def _signals(self, state: DetectorState, record: dict[str, Any], only: str | None) -> None:
+    def _signals(self, state: DetectorState, record: Record, only: str | None) -> None:
         """Apply a record's lifecycle and address signals (SPEC §11, §13) after its own decision (the
         resetting record itself is judged against the old baseline)."""
         kind, ids, instance_state = signals(record)
         if not kind:
             return
         try:
-            ts = self._event_time(record.get("eventTime"))
+            ts = self._event_time(record.eventTime)
         except MalformedRecord:
-            if record.get("detail-type") == STATE_CHANGE:
+            if type(record) is StateChange:
                 raise  # nothing else in it: a malformed event
             return  # a signal of a record that is otherwise not ours: best effort
         state.advance(ts)
@@ -558,162 +559,22 @@ class Engine:
                 state.start_signal(bits, ts)
             state.reset_signal(bits, ts, _signal_id(record))
 
-    def apply_fast(self, state: DetectorState, record: Any) -> list[FindingChange]:
-        """:meth:`apply` for a record of the fast decoder (``records.FastRecord``): attributes, not keys.
-
-        The common instance-session record takes an inlined path: one memo lookup for the whole
-        origin of a plain address (keyed by address and home account, dropped with the registry or
-        the ranges), the session touched through :meth:`DetectorState.touch`, the usual no-op
-        updates (the newest access key again, a known ``ec2RoleDelivery``) checked in place, and the
-        decision of the two commonest cases (an AWS service, the first-use IPv4 address again) taken
-        in place. Everything else goes through :meth:`_session_record`'s steps; the outcome is the
-        same as :meth:`apply` on the full record.
-        """
-        name = record.eventName
-        if type(name) is str and name in SIGNAL_NAMES:  # rare: the reference path, on the fields it reads
-            return self.apply(state, _project(record))
-        counters = self.counters
-        counters.records += 1
-        identity = record.userIdentity
-        arn = identity.arn
-        parsed = None
-        if identity.type == "AssumedRole" and type(arn) is str:
-            parsed = self._arns.get(arn, _MISS)
-            if parsed is _MISS:
-                parsed = self._session_arn(arn, state)
-        if parsed is None:
-            if record.eventName == "AssumeRole" and identity.invokedBy == "ec2.amazonaws.com":
-                self._issuance_fast(state, record, identity)
-            return []
-        # An instance session: the common cases inlined.
+    def _session_record(
+        self, state: DetectorState, key: str, parsed: tuple[int, str, str, str, str], record: FastRecord, identity: Any
+    ) -> list[FindingChange]:
+        """One record made with instance credentials (SPEC §3): the session touched, its credentials
+        remembered, the decision of SPEC §5, then the rules of §11-§13."""
         packed, _, home, _, _ = parsed
-        event_time = record.eventTime
-        event_ts = self._times.get(event_time) if type(event_time) is str else None
-        if event_ts is None:
-            event_ts = self._event_time(event_time)
-        invoked_by = identity.invokedBy
-        source = record.sourceIPAddress
-        vpce = record.vpcEndpointId
-        if invoked_by:
-            origin: tuple[str, str | None, str | None, int, int, str | None] = _SERVICE_ORIGIN
-        elif type(source) is str:
-            origins = self._origins
-            vpce_account = None
-            memo_key: tuple[Any, ...] | None
-            if isinstance(vpce, str) and vpce.startswith("vpce-"):  # no home account in this origin
-                vpce_account = record.vpcEndpointAccountId
-                memo_key = (source, vpce, vpce_account) if vpce_account is None or type(vpce_account) is str else None
-            else:
-                memo_key = (source, home)
-            hit = origins.get(memo_key) if memo_key is not None else None
-            if hit is None:
-                hit = self._origin(source, None, vpce, vpce_account, home)  # raises for a non-address
-                if memo_key is not None:
-                    if len(origins) >= self._limit:
-                        origins.clear()
-                    origins[memo_key] = hit
-            origin = hit
-        else:
-            origin = self._origin(source, invoked_by, vpce, record.vpcEndpointAccountId, home)
-        # _enter, inlined:
-        kind = origin[0]
-        by_origin = counters.origin
-        by_origin[kind] = by_origin.get(kind, 0) + 1  # type: ignore[index,union-attr]
-        if event_ts > state.stream_time:
-            state.stream_time = event_ts
-        s = state.touch(arn, packed)
+        event_ts = self._event_time(record.eventTime)
+        origin = self._call_origin(record, identity, home)  # raises for a source that is not an address
+        s = self._enter(state, key, packed, event_ts, origin[0])
         ix = state.sessions
-        flags = ix._flags[s]
         access_key = identity.accessKeyId
         if type(access_key) is str:
-            if not (
-                flags & F_AK
-                and len(access_key) == _AK_LEN
-                and access_key.isascii()
-                and ix._ak.startswith(access_key.encode("ascii"), s * _AK_LEN, s * _AK_LEN + _AK_LEN)
-            ):
-                ix.add_access_key(s, access_key, event_ts)
-                flags = ix._flags[s]
-            elif not event_ts >= ix._akt[s]:  # seen earlier than known (out of order): first seen then
-                ix._akt[s] = event_ts
-        elif isinstance(access_key, str):
             ix.add_access_key(s, access_key, event_ts)
-            flags = ix._flags[s]
         context = identity.sessionContext
         delivery = context.ec2RoleDelivery if context is not None else None
         if type(delivery) is str:
-            if ((flags & _DELIVERY_MASK) >> _DELIVERY_SHIFT, delivery) not in _DELIVERY_SEEN:
-                ix.add_delivery(s, delivery)
-                flags = ix._flags[s]
-        elif isinstance(delivery, str):
-            ix.add_delivery(s, delivery)
-            flags = ix._flags[s]
-        else:
-            delivery = None
-        if kind == ORIGIN_SERVICE or kind == ORIGIN_EXPECTED:
-            changes = []
-        elif (
-            kind == ORIGIN_AWS
-            and origin[3] == V4
-            and flags & F_TOFU4
-            and ix._tofu4[s] == origin[4]
-            and home not in self._registry.inventoried
-        ):
-            changes = []  # the first-use IPv4 address again (what _decide answers, without its call)
-        elif (
-            kind == ORIGIN_ENDPOINT
-            and (ep := ix._ep[s])
-            and (origin[1] is None or origin[1] == home)
-            and _ENDPOINTS.values[ep] == (origin[5], origin[1])
-        ):
-            changes = []  # the session's own endpoint again: _decide's add_endpoint would change nothing
-        else:
-            changes = self._conclude(state, s, arn, home, origin, delivery, record, identity, event_ts)
-        entry = state.lifecycle_entry(packed & _INSTANCE_KEY_MASK) if state.lifecycle else None
-        if entry is not None or self._instances or (delivery == "1.0" and self.imdsv1_findings):  # §11-§13
-            extra = self._part_two(state, s, arn, packed, home, origin, delivery, record, identity, event_ts, entry)
-            if extra:
-                return changes + extra
-        return changes
-
-    def _issuance_fast(self, state: DetectorState, record: Any, identity: Any) -> None:
-        """EC2's own ``AssumeRole`` (a ``FastRecord``): enrich the session it issues credentials for."""
-        params = record.requestParameters
-        if params is not None:
-            issued = issuance_key(params.roleSessionName, params.roleArn)
-            if issued is not None:
-                access_key = None
-                response = record.responseElements
-                if response is not None and response.credentials is not None:
-                    access_key = response.credentials.accessKeyId
-                    if not isinstance(access_key, str):
-                        access_key = None
-                self._enrich(state, record.eventTime, issued[0], issued[1], access_key)
-
-    def _session_record(
-        self,
-        state: DetectorState,
-        key: str,
-        parsed: tuple[int, str, str, str, str],
-        record: Any,
-        identity: Any,
-        event_time: Any,
-        source: Any,
-        invoked_by: Any,
-        vpce: Any,
-        vpce_account: Any,
-        access_key: Any,
-        delivery: Any,
-    ) -> list[FindingChange]:
-        """One record made with instance credentials (SPEC §3): ``record``/``identity`` answer ``.get``."""
-        packed, _, home, _, _ = parsed
-        event_ts = self._event_time(event_time)
-        origin = self._origin(source, invoked_by, vpce, vpce_account, home)
-        s = self._enter(state, key, packed, event_ts, origin[0])
-        ix = state.sessions
-        if isinstance(access_key, str):
-            ix.add_access_key(s, access_key, event_ts)
-        if isinstance(delivery, str):
             ix.add_delivery(s, delivery)
         else:
             delivery = None
@@ -722,6 +583,34 @@ class Engine:
         if entry is not None or self._instances or (delivery == "1.0" and self.imdsv1_findings):
             changes += self._part_two(state, s, key, packed, home, origin, delivery, record, identity, event_ts, entry)
         return changes
+
+    def _call_origin(
+        self, record: FastRecord, identity: Any, home: str
+    ) -> tuple[str, str | None, str | None, int, int, str | None]:
+        """:meth:`_origin` of a record, memoized per (source, home account) or, through a VPC endpoint,
+        per (source, endpoint, endpoint account) — dropped with the registry or the ranges."""
+        if identity.invokedBy:
+            return _SERVICE_ORIGIN
+        source = record.sourceIPAddress
+        vpce = record.vpcEndpointId
+        if type(source) is not str:
+            return self._origin(source, None, vpce, record.vpcEndpointAccountId, home)  # raises
+        vpce_account = None
+        memo_key: tuple[Any, ...] | None
+        if isinstance(vpce, str) and vpce.startswith("vpce-"):  # no home account in this origin
+            vpce_account = record.vpcEndpointAccountId
+            memo_key = (source, vpce, vpce_account) if vpce_account is None or type(vpce_account) is str else None
+        else:
+            memo_key = (source, home)
+        origins = self._origins
+        hit = origins.get(memo_key) if memo_key is not None else None
+        if hit is None:
+            hit = self._origin(source, None, vpce, vpce_account, home)  # raises for a non-address
+            if memo_key is not None:
+                if len(origins) >= self._limit:
+                    origins.clear()
+                origins[memo_key] = hit
+        return hit
 
     # --- SPEC §11-§13 ------------------------------------------------------------------------------
 
@@ -741,7 +630,7 @@ class Engine:
         if kind == ORIGIN_SERVICE:
             return out
         if entry is not None:
-            evidence = self._after_stop(entry, ix, s, event_ts, identity.get("accessKeyId"))
+            evidence = self._after_stop(entry, ix, s, event_ts, identity.accessKeyId)
             if evidence is not None:
                 if origin[2] is not None:
                     evidence["address"] = origin[2]
@@ -924,7 +813,7 @@ class Engine:
                 ids.clear()
             gid = ids[(finding_type, key, remote, other)] = finding_id(finding_type, key, remote, other)
         group = state.groups.get(gid)
-        event_id = record.get("eventID")
+        event_id = record.eventID
         new = group is None
         kind, _, address, _, _, vpce = origin
         if group is None:
@@ -965,15 +854,15 @@ class Engine:
         group.last_ts = max(group.last_ts, event_ts)
         group.severity = severity
         group.affiliated = self.registry.is_affiliated(remote) if remote else False
-        region = record.get("awsRegion")
+        region = record.awsRegion
         group.region = region if isinstance(region, str) else group.region
-        access_key = identity.get("accessKeyId")
+        access_key = identity.accessKeyId
         group.access_key_id = access_key if isinstance(access_key, str) else (ix.access_keys(s)[-1:] or [None])[0]
-        principal = identity.get("principalId")
+        principal = identity.principalId
         group.principal_id = principal if isinstance(principal, str) else group.principal_id
-        api = record.get("eventName")
+        api = record.eventName
         group.api = api if isinstance(api, str) else group.api
-        service_name = record.get("eventSource")
+        service_name = record.eventSource
         group.service_name = service_name if isinstance(service_name, str) else group.service_name
         group.ip = address
         group.origin = kind
@@ -990,15 +879,15 @@ class Engine:
         return FindingChange(group, new)
 
 
-def _signal_id(record: dict[str, Any]) -> str | None:
+def _signal_id(record: Record) -> str | None:
     """The event ID of a signal record: CloudTrail's ``eventID``, or an EventBridge event's ``id``."""
-    event_id = record.get("id") if record.get("detail-type") == STATE_CHANGE else record.get("eventID")
+    event_id = record.id if type(record) is StateChange else record.eventID
     return event_id if isinstance(event_id, str) else None
 
 
-def _count_call(group: FindingGroup, record: Any) -> None:
+def _count_call(group: FindingGroup, record: FastRecord) -> None:
     """SPEC §13: the group's eventSource/eventName pairs and errorCodes, counted (bounded)."""
-    source, name = record.get("eventSource"), record.get("eventName")
+    source, name = record.eventSource, record.eventName
     pair = f"{source if type(source) is str else ''}\x1f{name if type(name) is str else ''}"
     calls = group.api_calls
     count = calls.get(pair)
@@ -1008,7 +897,7 @@ def _count_call(group: FindingGroup, record: Any) -> None:
         calls[pair] = 1
     else:
         calls[OTHER] = calls.get(OTHER, 0) + 1
-    code = record.get("errorCode")
+    code = record.errorCode
     if code is not None:
         code = code if isinstance(code, str) else str(code)
         codes = group.error_codes

@@ -31,11 +31,9 @@ def merge_runs(runs: Iterable[Sequence[tuple[str, T]]]) -> list[T]:
 
 
 def event_time_key(record: object) -> str:
-    if isinstance(record, dict):
-        value = record.get("eventTime")
-        if isinstance(value, str):
-            return value
-    return ""
+    """A record's ``eventTime`` string (a plain dict or the engine's record type), else ``""``."""
+    value = record.get("eventTime") if isinstance(record, dict) else getattr(record, "eventTime", None)
+    return value if isinstance(value, str) else ""
 
 
 class Watermark:

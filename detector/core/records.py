@@ -464,3 +464,128 @@ def _dict_matters(record: dict[str, Any]) -> bool:
     if name == "AssumeRole":
         return identity.get("invokedBy") == "ec2.amazonaws.com"
     return isinstance(name, str) and name in SIGNAL_NAMES
+
+
+# --- the engine's record type ---------------------------------------------------------------------
+#
+# ``Engine.apply`` decides on one record type: a :class:`FastRecord` (a CloudTrail record, as the fast
+# decoder builds it) or a :class:`StateChange` (SPEC §10/§11). A plain-dict record — from the reference
+# decoder, which also reads what the fast one refuses — is converted once by :func:`as_record`, which is
+# as lenient as the decisions are: a sub-object of the wrong type reads as absent, as it always did.
+
+
+class StateChange(msgspec.Struct, gc=False):
+    """An ``EC2 Instance State-change Notification`` reduced to what SPEC §11 reads (see :func:`classify`)."""
+
+    eventTime: Any = None  # the event's ``time``
+    instance_id: Any = None
+    state: Any = None
+    id: Any = None  # EventBridge's event id: a repeated delivery is the same event
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.eventTime if name == "eventTime" else default  # ordering reads eventTime only
+
+
+Record = FastRecord | StateChange
+
+
+def as_record(record: dict[str, Any]) -> FastRecord | StateChange | None:
+    """The engine's record for a plain-dict record of :func:`classify` (None when it has no
+    ``userIdentity`` object: nothing the engine would decide). Reads only the fields the engine reads;
+    never keeps a session token."""
+    if record.get("detail-type") == STATE_CHANGE:
+        detail = record.get("detail")
+        if not isinstance(detail, dict):
+            return StateChange(record.get("eventTime"))  # no signal in it
+        return StateChange(record.get("eventTime"), detail.get("instance-id"), detail.get("state"), record.get("id"))
+    ident = record.get("userIdentity")
+    if not isinstance(ident, dict):
+        return None
+    context = ident.get("sessionContext")
+    params = record.get("requestParameters")
+    response = record.get("responseElements")
+    if isinstance(response, dict):
+        creds = response.get("credentials")
+        response = _Response(
+            _Credentials(creds.get("accessKeyId")) if isinstance(creds, dict) else None, response.get("instancesSet")
+        )
+    else:
+        response = None
+    get = record.get
+    return FastRecord(
+        _Identity(
+            ident.get("type"),
+            ident.get("arn"),
+            ident.get("invokedBy"),
+            ident.get("accessKeyId"),
+            ident.get("principalId"),
+            _SessionContext(context.get("ec2RoleDelivery")) if isinstance(context, dict) else None,
+        ),
+        get("eventVersion", msgspec.UNSET), get("eventTime"), get("eventName"), get("eventSource"), get("awsRegion"),
+        get("sourceIPAddress"), get("vpcEndpointId"), get("vpcEndpointAccountId"), get("eventID"), get("errorCode"),
+        get("eventType"),
+        _Parameters(*(params.get(name) for name in _PARAMETER_FIELDS)) if isinstance(params, dict) else None,
+        response,
+        get("serviceEventDetails"),
+    )  # fmt: skip
+
+
+# --- records routed between the service's stages ----------------------------------------------------
+#
+# The route stage writes each record that matters to the sessions topic once; the detect stage reads it
+# back as the engine's record type, not as JSON to parse into dicts and convert again. A value is one tag
+# byte and the msgpack of the struct (lossless: msgpack keeps every JSON type). A record msgpack cannot
+# hold (an integer beyond 64 bits, say) is written as JSON, as every value was before this format; JSON
+# values are read too (records on the topic during an upgrade). JSON here is msgspec's, which, unlike
+# orjson, keeps integers beyond 64 bits.
+
+_ROUTED_RECORD = 1
+_ROUTED_CHANGE = 2
+_routed_encoder = msgspec.msgpack.Encoder()
+_routed_record = msgspec.msgpack.Decoder(FastRecord)
+_routed_change = msgspec.msgpack.Decoder(StateChange)
+
+
+def encode_routed(record: dict[str, Any] | FastRecord | StateChange) -> bytes:
+    """The sessions-topic value of a record (a plain-dict record of :func:`decode_fast`, or the
+    engine's record type); :func:`decode_routed` reads it back."""
+    value = as_record(record) if isinstance(record, dict) else record
+    if value is not None:
+        tag = _ROUTED_CHANGE if type(value) is StateChange else _ROUTED_RECORD
+        try:
+            return bytes((tag,)) + _routed_encoder.encode(value)
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+            pass  # not representable in msgpack: JSON, as before
+    if not isinstance(record, dict):
+        record = _project(record) if isinstance(record, FastRecord) else _state_change_dict(record)  # type: ignore[arg-type]
+    return msgspec.json.encode(record)
+
+
+def decode_routed(value: bytes | None) -> FastRecord | StateChange | None:
+    """The record of a sessions-topic value written by :func:`encode_routed`, or by an older version
+    (JSON of the record); None when it is neither."""
+    if not value:
+        return None
+    tag = value[0]
+    try:
+        if tag == _ROUTED_RECORD:
+            return _routed_record.decode(memoryview(value)[1:])
+        if tag == _ROUTED_CHANGE:
+            return _routed_change.decode(memoryview(value)[1:])
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    try:
+        parsed = msgspec.json.decode(value)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if not (is_cloudtrail_record(parsed) or is_state_change(parsed)):
+        return None
+    return as_record(parsed)
+
+
+def _state_change_dict(change: StateChange) -> dict[str, Any]:
+    """The plain-dict state-change record of :func:`classify` for ``change``."""
+    out = {"detail-type": STATE_CHANGE, "eventTime": change.eventTime, "detail": {"instance-id": change.instance_id, "state": change.state}}
+    if change.id is not None:
+        out["id"] = change.id
+    return out

@@ -43,7 +43,7 @@ from ..core.engine import Engine, MalformedRecord, check_decidable, record_insta
 from ..core.findings import render
 from ..core.ocsf import to_ocsf
 from ..core.ordering import Watermark, event_time_key, merge_runs, releasable
-from ..core.records import BAD_RECORD, INVALID_JSON, decode_fast, is_cloudtrail_record, is_state_change
+from ..core.records import BAD_RECORD, decode_fast, decode_routed, encode_routed
 from ..core.state import DetectorState, EngineConfig, FindingGroup
 from ..registry import RegistryError, load_registry
 from .http import HttpServer
@@ -379,7 +379,6 @@ class RouteStage(Stage):
         m = self.service.metrics
         sessions_topic = self.service.settings.sessions_topic_name
         outbox = self.outbox
-        dumps = orjson.dumps
         partition_of = self.partition_of
         read = routed = kept = 0  # routed: copies on the sessions topic; kept: records they came from
         runs = []
@@ -412,7 +411,7 @@ class RouteStage(Stage):
                     continue
                 if headers is None:
                     headers = source_headers(msg)
-                value = dumps(record)
+                value = encode_routed(record)
                 if len(keys) == 1:
                     key = keys[0].encode()
                     outbox.append((sessions_topic, value, key, headers, partition_of(key)))
@@ -441,12 +440,9 @@ class RouteStage(Stage):
 
 
 def _parse_routed(msg: Any) -> tuple[Any, tuple[bytes, bytes]]:
-    """The record of a sessions-topic message (None when it is not JSON) and its source partition
+    """The record of a sessions-topic message (None when it is not one) and its source partition
     (from the route stage's headers; empty when absent)."""
-    try:
-        record = orjson.loads(msg.value) if msg.value is not None else None
-    except orjson.JSONDecodeError:
-        record = None
+    record = decode_routed(msg.value)
     source = (b"", b"")
     for name, value in msg.headers or ():
         if name == SOURCE_TOPIC:
@@ -566,8 +562,8 @@ class DetectStage(Stage):
                 continue
             expired, evicted = state.expired, state.evicted
             for msg, record in self._in_event_time_order(entries):
-                if not (is_cloudtrail_record(record) or is_state_change(record)):
-                    reason = INVALID_JSON if record is None else BAD_RECORD
+                if record is None:
+                    reason = BAD_RECORD
                     m.malformed.labels(reason).inc()
                     self.dead_letter(msg, reason, "not a CloudTrail record on the sessions topic", list(msg.headers or ()))
                     continue
