@@ -190,15 +190,27 @@ def issuance_parts(record: dict[str, Any]) -> tuple[str, str, str, str, str, str
 
 def issuance_key(instance_id: Any, role_arn: Any) -> tuple[str, int, str, str, str, str] | None:
     """``(session_key, packed_key, partition, account, role, instance_id)`` of the session EC2's
-    ``AssumeRole`` issues credentials for, from its ``roleSessionName`` and ``roleArn``."""
-    if not isinstance(instance_id, str) or not _INSTANCE_ID.fullmatch(instance_id) or not isinstance(role_arn, str):
+    ``AssumeRole`` issues credentials for, from its ``roleSessionName`` and ``roleArn``. Memoized (EC2
+    rotates each instance's credentials every few hours: the same pair comes back)."""
+    if type(instance_id) is not str or type(role_arn) is not str:
         return None
-    m = _ROLE_ARN.fullmatch(role_arn)
+    memo_key = (instance_id, role_arn)
+    hit = _ISSUED.get(memo_key, _MISS)
+    if hit is not _MISS:
+        return hit  # type: ignore[return-value]
+    if len(_ISSUED) >= _CACHE_LARGE:
+        _ISSUED.clear()
+    m = _ROLE_ARN.fullmatch(role_arn) if _INSTANCE_ID.fullmatch(instance_id) else None
     if m is None:
+        _ISSUED[memo_key] = None
         return None
     partition, account, role = m.group(1), m.group(2), m.group(3)
     key = f"arn:{partition}:sts::{account}:assumed-role/{role}/{instance_id}"
-    return key, pack_key(partition, account, role, instance_id), partition, account, role, instance_id
+    hit = _ISSUED[memo_key] = key, pack_key(partition, account, role, instance_id), partition, account, role, instance_id
+    return hit
+
+
+_ISSUED: dict[tuple[str, str], tuple[str, int, str, str, str, str] | None] = {}
 
 
 def finding_id(finding_type: str, session_key: str, remote_account: str | None, other_instance: str | None = None) -> str:
@@ -308,7 +320,7 @@ _CACHE_LIMIT = 1 << 14
 _CACHE_LARGE = 1 << 16
 _NOT_ADDRESS = (0, 0, None)
 _MISS = object()
-_SERVICE_ORIGIN: tuple[str, str | None, str | None, int, int, str | None] = ("AWS_SERVICE", None, None, 0, 0, None)
+_SERVICE_ORIGIN: tuple[str, str | None, str | None, int, int, str | None] = (ORIGIN_SERVICE, None, None, 0, 0, None)
 
 
 class Engine:
@@ -567,7 +579,12 @@ class Engine:
         packed, _, home, _, _ = parsed
         event_ts = self._event_time(record.eventTime)
         origin = self._call_origin(record, identity, home)  # raises for a source that is not an address
-        s = self._enter(state, key, packed, event_ts, origin[0])
+        kind = origin[0]
+        by_origin = self.counters.origin
+        by_origin[kind] = by_origin.get(kind, 0) + 1  # type: ignore[index,union-attr]
+        if event_ts > state.stream_time:
+            state.stream_time = event_ts
+        s = state.touch(key, packed)
         ix = state.sessions
         access_key = identity.accessKeyId
         if type(access_key) is str:
@@ -578,7 +595,17 @@ class Engine:
             ix.add_delivery(s, delivery)
         else:
             delivery = None
-        changes = self._conclude(state, s, key, home, origin, delivery, record, identity, event_ts)
+        changes: list[FindingChange] = []
+        # SPEC §5 (an AWS service or an expected network: never a finding, nothing to learn)
+        verdict = None if kind == ORIGIN_SERVICE or kind == ORIGIN_EXPECTED else self._decide(ix, s, origin, home)
+        if verdict is not None:
+            finding_type, remote, severity = verdict
+            change = self._record_finding(
+                state, ix, s, key, record, identity, event_ts, origin, delivery, finding_type, remote, severity
+            )
+            if change is not None:
+                changes.append(change)
+        # SPEC §11-§13: only where they can apply (a lifecycle entry, an inventory, IMDSv1)
         entry = state.lifecycle_entry(packed & _INSTANCE_KEY_MASK) if state.lifecycle else None
         if entry is not None or self._instances or (delivery == "1.0" and self.imdsv1_findings):
             changes += self._part_two(state, s, key, packed, home, origin, delivery, record, identity, event_ts, entry)
@@ -692,30 +719,6 @@ class Engine:
         if first is not None:
             evidence["accessKeyFirstSeen"] = first
         return evidence
-
-    def _enter(self, state: DetectorState, key: str, packed: int, event_ts: float, kind: str) -> int:
-        """Count an instance record of origin ``kind``, advance stream time, touch its session: the slot."""
-        counters = self.counters
-        by_origin = counters.origin
-        by_origin[kind] = by_origin.get(kind, 0) + 1  # type: ignore[index,union-attr]
-        if event_ts > state.stream_time:
-            state.stream_time = event_ts
-        return state.touch(key, packed)
-
-    def _conclude(
-        self, state: DetectorState, s: int, key: str, home: str, origin: Any, delivery: str | None,
-        record: Any, identity: Any, event_ts: float,
-    ) -> list[FindingChange]:  # fmt: skip
-        """The decision (SPEC §5) for a touched session, and the finding it opens or updates."""
-        ix = state.sessions
-        verdict = self._decide(ix, s, origin, home)
-        if verdict is None:
-            return []
-        finding_type, remote, severity = verdict
-        change = self._record_finding(
-            state, ix, s, key, record, identity, event_ts, origin, delivery, finding_type, remote, severity
-        )
-        return [] if change is None else [change]
 
     def decide(self, session: Session, origin: Origin, home: str) -> tuple[str, str | None, int] | None:
         """The decision table of SPEC §5; updates the session's baseline. ``(type, remote, severity)``."""

@@ -159,11 +159,11 @@ def decode(raw: bytes | bytearray | memoryview | str) -> Decoded:
 # skips, where orjson rejects the whole input. Such an input is processed instead of dead-lettered.
 
 
-class _Credentials(msgspec.Struct, gc=False):
+class _Credentials(msgspec.Struct, gc=False, omit_defaults=True):
     accessKeyId: Any = None
 
 
-class _Response(msgspec.Struct, gc=False):
+class _Response(msgspec.Struct, gc=False, omit_defaults=True):
     credentials: _Credentials | None = None
     instancesSet: Any = None  # StopInstances & co. (SPEC §11): {"items": [{"instanceId": ...}]}
 
@@ -171,7 +171,7 @@ class _Response(msgspec.Struct, gc=False):
         return getattr(self, name, default)
 
 
-class _Parameters(msgspec.Struct, gc=False):
+class _Parameters(msgspec.Struct, gc=False, omit_defaults=True):
     roleArn: Any = None
     roleSessionName: Any = None
     instancesSet: Any = None  # SPEC §11
@@ -182,11 +182,11 @@ class _Parameters(msgspec.Struct, gc=False):
         return getattr(self, name, default)
 
 
-class _SessionContext(msgspec.Struct, gc=False):
+class _SessionContext(msgspec.Struct, gc=False, omit_defaults=True):
     ec2RoleDelivery: Any = None
 
 
-class _Identity(msgspec.Struct, gc=False):
+class _Identity(msgspec.Struct, gc=False, omit_defaults=True):
     type: Any = None
     arn: Any = None
     invokedBy: Any = None
@@ -198,7 +198,7 @@ class _Identity(msgspec.Struct, gc=False):
         return getattr(self, name, default)
 
 
-class FastRecord(msgspec.Struct, gc=False):
+class FastRecord(msgspec.Struct, gc=False, omit_defaults=True):
     """The fields of a CloudTrail record the engine reads (``Engine.apply`` takes it as a record)."""
 
     userIdentity: _Identity  # required, an object
@@ -474,7 +474,7 @@ def _dict_matters(record: dict[str, Any]) -> bool:
 # as lenient as the decisions are: a sub-object of the wrong type reads as absent, as it always did.
 
 
-class StateChange(msgspec.Struct, gc=False):
+class StateChange(msgspec.Struct, gc=False, omit_defaults=True):
     """An ``EC2 Instance State-change Notification`` reduced to what SPEC §11 reads (see :func:`classify`)."""
 
     eventTime: Any = None  # the event's ``time``
