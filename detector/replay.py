@@ -34,8 +34,8 @@ from .core.engine import Engine, MalformedRecord
 from .core.findings import render
 from .core.prefilter import may_matter
 from .core.records import (
-    _FAST_ERRORS, CLOUDTRAIL_DETAIL_TYPES, KEEP_NAMES, SKIPPED, STATE_CHANGE, Decoded, FastDecoder, FastRecord,
-    classify, decode, fast_ok,
+    _FAST_ERRORS, CLOUDTRAIL_DETAIL_TYPES, SKIPPED, STATE_CHANGE, Decoded, FastDecoder, FastRecord,
+    classify, decode, fast_ok, matters,
 )  # fmt: skip
 from .core.state import DetectorState, FindingGroup
 
@@ -207,9 +207,9 @@ def scan_lines(
     """Read JSON Lines in blocks of ``BLOCK`` bytes, cut them at newlines and sort every line.
 
     Each line is decoded by ``fast`` (its EventBridge shape inlined). A line that is another
-    EventBridge event, or a CloudTrail record that cannot matter (not ``AssumeRole`` nor a lifecycle
-    signal's eventName, and no ``AssumedRole`` ARN containing ``/i-``: :meth:`Engine.apply`
-    would only count it), is only
+    EventBridge event, or a CloudTrail record that cannot matter (:func:`records.matters`: not made
+    with instance credentials, not EC2 issuing them, not a lifecycle signal's eventName;
+    :meth:`Engine.apply` would only count it), is only
     counted: ``tally(skipped, counted)`` once per block. Every other line goes to
     ``take(line, result, start, end)`` in input order, with the decoder's result (a record,
     ``SKIPPED``, or ``None`` when the line needs the reference decode) and its offsets in the input.
@@ -271,11 +271,9 @@ def scan_lines(
                 if result is SKIPPED:
                     skipped += 1
                     continue
-            if result is not None and not (type(name := result.eventName) is str and name in KEEP_NAMES):
-                identity = result.userIdentity
-                if identity.type != "AssumedRole" or type(identity.arn) is not str or "/i-" not in identity.arn:
-                    counted += 1
-                    continue
+            if result is not None and not matters(result):  # the exact SPEC §3 test: decoys stop here
+                counted += 1
+                continue
             take(line, result, base + start, base + nl)
         view.release()
         tally(skipped, counted)
