@@ -284,3 +284,17 @@ def test_memo_tables_stay_bounded_and_never_change_a_decision(aws_ranges: Any, m
     assert any(n_arns > 4 for n, n_arns in sizes if n < 16)  # while the index is small, tables grow past 4
     assert all(n_arns <= 5 for n, n_arns in sizes[-40:])  # with 40 sessions indexed: back to 4 (+ the new entry)
     assert any(s for s in expected[0])  # the stream has findings, so decisions are really compared
+
+
+def test_a_dict_record_with_sub_objects_of_another_type_reads_them_as_absent() -> None:
+    """``as_record`` is as lenient as the decisions: a sub-object of the wrong type is None, the rest kept."""
+    record = make_record((0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0), 8 * 3600.0)
+    record["userIdentity"]["sessionContext"] = "not an object"
+    record["requestParameters"] = ["not", "an", "object"]
+    record["responseElements"] = {"credentials": 7, "instancesSet": {"items": []}}
+    converted = as_record(record)
+    assert isinstance(converted, FastRecord)
+    assert converted.userIdentity.sessionContext is None and converted.requestParameters is None
+    assert converted.responseElements is not None and converted.responseElements.credentials is None
+    assert converted.userIdentity.arn == record["userIdentity"]["arn"] and converted.eventTime == record["eventTime"]
+    assert as_record({"eventTime": "2026-05-04T10:00:00Z", "userIdentity": "x"}) is None

@@ -498,6 +498,10 @@ def as_record(record: dict[str, Any]) -> FastRecord | StateChange | None:
         if not isinstance(detail, dict):
             return StateChange(record.get("eventTime"))  # no signal in it
         return StateChange(record.get("eventTime"), detail.get("instance-id"), detail.get("state"), record.get("id"))
+    try:
+        return msgspec.convert(record, FastRecord)  # every field of the type the struct declares: the usual case
+    except msgspec.ValidationError:
+        pass  # a sub-object of another type: read as absent, field by field
     ident = record.get("userIdentity")
     if not isinstance(ident, dict):
         return None
