@@ -191,9 +191,8 @@ class KafkaClientSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Highest first. ``Settings(**kw)`` alone: keyword arguments, then the environment (no ``.env`` file,
-        no secrets directory). Within :func:`load_settings`: the flags, the environment, the config file it
-        chose, each recorded with its origin."""
+        """Highest first: keyword arguments (flags), environment, then within :func:`load_settings` the config
+        file, each recorded. No ``.env`` file, no secrets directory."""
         load = _LOAD.get()
         if load is None:
             return (init_settings, env_settings)
@@ -637,9 +636,7 @@ def _choices(field: FieldInfo) -> list[str] | None:
 # loading: defaults < file < env < flags
 # ------------------------------------------------------------------------------------------------------
 
-# pydantic-settings builds its sources per instantiation from the class alone; this carries load_settings'
-# choice of config file (path, what named it) and its record of where each value came from into
-# settings_customise_sources.
+# load_settings' config file (path, what named it) and record of origins, for settings_customise_sources
 _LOAD: contextvars.ContextVar[tuple[Path | None, str, dict[str, str]] | None] = contextvars.ContextVar(
     "detector_settings_load", default=None
 )
