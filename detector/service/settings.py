@@ -1,9 +1,16 @@
 """The service's settings: one typed model, four layers, generated flags and documentation.
 
 Precedence, lowest first: the model's defaults < the TOML config file < ``DETECTOR_*`` environment
-variables < command-line flags. :func:`load_settings` does the layering and remembers where every value
-came from, so an error names both the setting and its source ("flag --http-port", "env
-DETECTOR_HTTP_PORT", "file /etc/detector.toml").
+variables < command-line flags. These are pydantic-settings sources, ordered by
+``KafkaClientSettings.settings_customise_sources``: its InitSettingsSource (the flags, as keyword
+arguments), its EnvSettingsSource (prefix, case and empty variables from ``model_config``) and
+``_ConfigFile``. Two small pieces are ours because pydantic-settings lacks them: ``_ConfigFile`` (its
+TomlConfigSettingsSource takes the file from the class, treats a missing file as empty, accepts tables and
+resolves nothing against the file's directory) and ``_Recorded``, which remembers which source gave each
+value, so that an error names both the setting and its source ("flag --http-port", "env
+DETECTOR_HTTP_PORT", "file /etc/detector.toml") and ``detector settings show`` reports it.
+:func:`load_settings` picks the file (``--config``, else ``$DETECTOR_CONFIG``) and hands it, with the
+record, to the sources through a context variable: pydantic-settings builds sources from the class alone.
 
 Adding a setting is one declaration in :class:`Settings`: a typed field with a default and a
 ``description``. Its ``--kebab-case`` flag (:func:`settings_options`), its ``DETECTOR_<NAME>`` environment
@@ -42,7 +49,8 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 ENV_PREFIX = "DETECTOR_"
 CONFIG_ENV = "DETECTOR_CONFIG"
@@ -56,9 +64,6 @@ _BRACKETED_HOST_RE = re.compile(r"\[[0-9A-Fa-f:.]+\](?::(\d{1,5}))?")
 _SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
 _SSL_PROTOCOLS = ("SSL", "SASL_SSL")
 
-# Set by load_settings while it builds the model from already-merged layers, so that BaseSettings does
-# not read the environment a second time (the layering and its provenance are load_settings' job).
-_MERGED_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("detector_settings_merged_only", default=False)
 
 
 class SettingsError(ValueError):
@@ -186,10 +191,19 @@ class KafkaClientSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Settings(**kw) alone = defaults < environment < keyword arguments; load_settings() adds the file.
-        if _MERGED_ONLY.get():
-            return (init_settings,)
-        return (init_settings, env_settings)
+        """Highest first: keyword arguments (flags), environment, then within :func:`load_settings` the config
+        file, each recorded. No ``.env`` file, no secrets directory."""
+        load = _LOAD.get()
+        if load is None:
+            return (init_settings, env_settings)
+        file, named_by, origin = load
+        sources = [
+            _Recorded(init_settings, origin, lambda name: f"flag {flag(name)}"),
+            _Recorded(env_settings, origin, lambda name: f"env {env_var(name)}"),
+        ]
+        if file is not None:
+            sources.append(_Recorded(_ConfigFile(settings_cls, file, named_by), origin, lambda _name: f"file {file}"))
+        return tuple(sources)
 
     # --- field validation ---------------------------------------------------------------------------
     @field_validator("security_protocol", "sasl_mechanism", mode="before")
@@ -609,7 +623,7 @@ def _secret_fields(cls: type[KafkaClientSettings]) -> list[str]:
     return [n for n, f in cls.model_fields.items() if _base_type(f)[0] in (SecretStr, SecretBytes)]
 
 
-def _path_fields(cls: type[KafkaClientSettings]) -> list[str]:
+def _path_fields(cls: type[BaseSettings]) -> list[str]:
     return [n for n, f in cls.model_fields.items() if _base_type(f)[0] is Path]
 
 
@@ -622,38 +636,62 @@ def _choices(field: FieldInfo) -> list[str] | None:
 # loading: defaults < file < env < flags
 # ------------------------------------------------------------------------------------------------------
 
-def _read_config_file(path: Path, source: str, cls: type[KafkaClientSettings]) -> dict[str, Any]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise SettingsError(f"config file {str(path)!r} (from {source}) does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"config file {str(path)!r} (from {source}) cannot be read: {exc}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"config file {str(path)!r} (from {source}) is not valid TOML: {exc}") from None
-    fields = cls.model_fields
-    for key, value in data.items():
-        if key not in fields:
-            hint = difflib.get_close_matches(key, list(fields), n=1)
-            extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            if isinstance(value, dict):
-                extra += " (settings are top-level keys, not tables)"
-            raise SettingsError(f"unknown setting {key!r} in config file {str(path)!r}{extra}")
-    base = path.parent
-    for key in _path_fields(cls):  # relative paths in a file are relative to the file
-        value = data.get(key)
-        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
-            data[key] = str(base / value)
-        elif isinstance(value, str):
-            data[key] = os.path.expanduser(value)
-    return data
+# load_settings' config file (path, what named it) and record of origins, for settings_customise_sources
+_LOAD: contextvars.ContextVar[tuple[Path | None, str, dict[str, str]] | None] = contextvars.ContextVar(
+    "detector_settings_load", default=None
+)
 
 
-def _read_env(cls: type[KafkaClientSettings]) -> dict[str, Any]:
-    source = EnvSettingsSource(cls, case_sensitive=False, env_prefix=ENV_PREFIX, env_ignore_empty=True)
-    return source()
+class _Recorded(PydanticBaseSettingsSource):
+    """A source whose keys are recorded with where they came from (``describe(name)``), first source first, so
+    that :attr:`KafkaClientSettings.sources` and error messages can name each value's layer."""
+
+    def __init__(self, source: PydanticBaseSettingsSource, origin: dict[str, str], describe: Callable[[str], str]) -> None:
+        super().__init__(source.settings_cls)
+        self.source, self.origin, self.describe = source, origin, describe
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            data = self.source()
+        except PydanticSettingsError as exc:  # a complex (JSON) value that does not parse
+            name = m.group(1) if (m := re.search(r'field "(\w+)"', str(exc))) else "?"
+            raise SettingsError(f"invalid setting {name}: {exc.__cause__} (from {self.describe(name)})") from None
+        for key in data:
+            self.origin.setdefault(key, self.describe(key))
+        return data
+
+
+class _ConfigFile(InitSettingsSource):
+    """The TOML file :func:`load_settings` chose at run time, as pydantic-settings' TomlConfigSettingsSource is
+    an InitSettingsSource of a file's data but with what that one lacks: a missing, unreadable or invalid file
+    is an error naming it and what named it (not an empty layer); an unknown key or a table is refused naming
+    the file and the key, with a did-you-mean; relative paths in it are relative to its directory."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path, named_by: str) -> None:
+        where = f"config file {str(path)!r} (from {named_by})"
+        try:
+            data = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except FileNotFoundError:
+            raise SettingsError(f"{where} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"{where} cannot be read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{where} is not valid TOML: {exc}") from None
+        fields = settings_cls.model_fields
+        for key, value in data.items():
+            if key not in fields:
+                hint = difflib.get_close_matches(key, list(fields), n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+                if isinstance(value, dict):
+                    extra += " (settings are top-level keys, not tables)"
+                raise SettingsError(f"unknown setting {key!r} in config file {str(path)!r}{extra}")
+        for key in _path_fields(settings_cls):  # relative paths in a file are relative to the file
+            if isinstance(value := data.get(key), str) and value:
+                data[key] = str(path.parent / os.path.expanduser(value))
+        super().__init__(settings_cls, data)
 
 
 def load_settings(
@@ -666,50 +704,32 @@ def load_settings(
     ``config_file`` defaults to ``$DETECTOR_CONFIG`` when given as None. Keys of ``overrides`` are field
     names; None values are ignored (a flag that was not given). Raises :class:`SettingsError`.
     """
-    layers: list[tuple[Callable[[str], str], dict[str, Any]]] = []
     if config_file is not None:
-        path, file_source = Path(config_file), "--config"
-    elif os.environ.get(CONFIG_ENV):
-        path, file_source = Path(os.environ[CONFIG_ENV]), CONFIG_ENV
+        file, named_by = Path(config_file), "--config"
     else:
-        path = None
-    if path is not None:
-        data = _read_config_file(path, file_source, cls)
-        layers.append((lambda _n, p=str(path): f"file {p}", data))
-    layers.append((lambda n: f"env {env_var(n)}", _read_env(cls)))
+        file, named_by = (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None), CONFIG_ENV
     flags: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         if key not in cls.model_fields:
             raise SettingsError(f"unknown setting {key!r} (from flag)")
         if value is not None:
             flags[key] = value
-    layers.append((lambda n: f"flag {flag(n)}", flags))
-
-    values: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    for describe, layer in layers:
-        for key, value in layer.items():
-            values[key] = value
-            origin[key] = describe(key)
-    if "msk_iam_region" not in values and "msk_iam_region" in cls.model_fields:
-        region, var = _aws_region_from_env()
-        if region is not None:
-            values["msk_iam_region"], origin["msk_iam_region"] = region, f"env {var}"
-
-    token = _MERGED_ONLY.set(True)
+    token = _LOAD.set((file, named_by, origin))
     try:
-        settings = cls(**values)
+        settings = cls(**flags)
     except ValidationError as exc:
-        raise SettingsError(_describe_errors(exc, values, origin, cls)) from None
+        raise SettingsError(_describe_errors(exc, origin, cls)) from None
     finally:
-        _MERGED_ONLY.reset(token)
+        _LOAD.reset(token)
+    region_var = _aws_region_from_env()[1]
+    if region_var and settings.msk_iam_region is not None:  # its default_factory read the variable
+        origin.setdefault("msk_iam_region", f"env {region_var}")
     settings._sources = {name: origin.get(name, "default") for name in cls.model_fields}
     return settings
 
 
-def _describe_errors(
-    exc: ValidationError, values: Mapping[str, Any], origin: Mapping[str, str], cls: type[KafkaClientSettings]
-) -> str:
+def _describe_errors(exc: ValidationError, origin: Mapping[str, str], cls: type[KafkaClientSettings]) -> str:
     secrets = set(_secret_fields(cls))
     lines = []
     for err in exc.errors(include_url=False):
@@ -717,7 +737,7 @@ def _describe_errors(
         ctx = err.get("ctx") or {}
         if loc:
             name = loc[0]
-            shown = MASK if name in secrets else repr(values.get(name, err.get("input")))
+            shown = MASK if name in secrets else repr(err.get("input"))
             msg = err["msg"].removeprefix("Value error, ")
             if not msg.startswith(f"{name}:") and not msg.startswith(f"{name} "):
                 msg = f"{name}: {msg}"
