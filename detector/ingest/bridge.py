@@ -16,22 +16,22 @@ import asyncio
 import random
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import structlog
 from aiobotocore.session import get_session
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import murmur2
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
 from ..service.http import HttpServer
 from ..service.kafka_config import kafka_common_kwargs
-from .bodies import BAD_GZIP, INVALID_JSON, NOT_CLOUDTRAIL, UNKNOWN_SHAPE, Body, BodyError, ObjectSplitter, S3Object, parse_body, record_key
+from ..service.partitioning import KeyPartitions
+from .bodies import BAD_GZIP, INVALID_JSON, NOT_CLOUDTRAIL, UNKNOWN_SHAPE, Body, BodyError, ObjectSplitter, S3Object, parse_body, raw_record_key
 from .metrics import (
     ACCESS_DENIED,
     AWS_ERROR,
@@ -54,6 +54,7 @@ _DENIED = frozenset({"AccessDenied", "AccessDeniedException", "403", "KMS.Access
 # Bytes produced but not yet acknowledged, per message, before waiting for the acks: bounds the memory an
 # oversized object can take in the producer's buffers.
 PENDING_BYTES = 4 * 1024 * 1024
+DELETE_CALLS = 4  # DeleteMessageBatch calls in flight per queue
 PRODUCER_BATCH_BYTES = 1024 * 1024  # aiokafka's 16 KB default costs a round trip per ten records
 
 
@@ -134,6 +135,8 @@ class IngestService:
         self._loop_alive = False
         self._sqs: Any = None
         self._s3: Any = None
+        self._partitions: KeyPartitions | None = None
+        self._deleters: dict[str, _Deleter] = {}
 
     # --- probes --------------------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -170,6 +173,7 @@ class IngestService:
         try:
             async with session.create_client("sqs", config=aws_config) as sqs, session.create_client("s3", config=aws_config) as s3:
                 self._sqs, self._s3 = sqs, s3
+                self._deleters = {url: _Deleter(sqs, url) for url in s.queues}
                 await self._check_queues()
                 if not await self._connect():
                     return 0
@@ -262,9 +266,11 @@ class IngestService:
         s = self.settings
         name = queue_name(url)
         delay = 0.5
+        batch = min(s.max_messages, (s.concurrency + 1) // 2)
         while not self.stopping.is_set():
-            async with self._room:  # receive only while fewer than `concurrency` messages are in work
-                await self._room.wait_for(lambda: len(self.in_work) < s.concurrency)
+            async with self._room:  # receive only while fewer than `concurrency` messages are in work ...
+                # ... and room for a batch: one receive per freed message would cost a call per message
+                await self._room.wait_for(lambda: s.concurrency - len(self.in_work) >= batch or not self.in_work)
             free = min(s.max_messages, s.concurrency - len(self.in_work))
             try:
                 answer = await self._sqs.receive_message(
@@ -325,7 +331,7 @@ class IngestService:
         with structlog.contextvars.bound_contextvars(queue=name, message_id=work.message_id):
             try:
                 result = await self._process(text)
-                await self._sqs.delete_message(QueueUrl=work.queue, ReceiptHandle=work.receipt)
+                await self._deleters[work.queue].delete(work.receipt)
                 self.metrics.messages.labels(name, result).inc()
                 log.debug("message_done", result=result)
             except asyncio.CancelledError:
@@ -383,12 +389,10 @@ class IngestService:
             async with answer["Body"] as stream:
                 while chunk := await stream.read(self.settings.object_chunk_bytes):
                     self.metrics.bytes.inc(len(chunk))
-                    for raw, record in splitter.feed(chunk):
-                        await acks.send(raw, record_key(record))
-                        produced += 1
-            for raw, record in splitter.close():
-                await acks.send(raw, record_key(record))
-                produced += 1
+                    for records in splitter.feed(chunk):
+                        produced += await acks.send_records(records)
+            for records in splitter.close():
+                produced += await acks.send_records(records)
             await acks.wait()
         except MessageFailed:
             await acks.wait_quietly()
@@ -410,15 +414,74 @@ class IngestService:
         self.metrics.records.labels("s3").inc(produced)
         log.debug("object_done", object=where, records=produced, bytes=splitter.bytes_in)
 
+    async def partition_of(self) -> tuple[KeyPartitions, int]:
+        """The partition of a key in the topic (memoised, Kafka's default partitioner), and a partition
+        for one message's unkeyed records (sticky, chosen at random)."""
+        assert self.producer is not None
+        count = len(await self.producer.partitions_for(self.settings.topic))
+        if self._partitions is None or self._partitions.partitions != count:
+            self._partitions = KeyPartitions(count)
+        return self._partitions, random.randrange(count)
+
+
+class _Deleter:
+    """Deletes the messages of one queue in ``DeleteMessageBatch`` calls: the messages done while a call is
+    on its way go in the next one (up to 10 each, at most ``DELETE_CALLS`` calls at once), so a busy queue
+    costs a tenth of the calls. Each ``delete`` still answers for its own message: it raises the
+    ``ClientError`` of its entry (or of the call) as ``DeleteMessage`` would."""
+
+    def __init__(self, sqs: Any, url: str) -> None:
+        self.sqs = sqs
+        self.url = url
+        self.waiting: list[tuple[str, asyncio.Future[None]]] = []
+        self.calls = 0
+        self.tasks: set[asyncio.Task[None]] = set()  # the calls under way (the loop keeps weak references only)
+
+    async def delete(self, receipt: str) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append((receipt, done))
+        if self.calls < DELETE_CALLS:
+            self.calls += 1
+            task = asyncio.create_task(self._flush())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        await done
+
+    async def _flush(self) -> None:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting[:10], self.waiting[10:]
+                entries = [{"Id": str(n), "ReceiptHandle": receipt} for n, (receipt, _) in enumerate(batch)]
+                try:
+                    answer = await self.sqs.delete_message_batch(QueueUrl=self.url, Entries=entries)
+                except (ClientError, BotoCoreError) as exc:
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                failed = {f["Id"]: f for f in answer.get("Failed", [])}
+                for n, (_, done) in enumerate(batch):
+                    if done.done():  # its handler was cancelled (shutdown)
+                        continue
+                    entry = failed.get(str(n))
+                    if entry is None:
+                        done.set_result(None)
+                    else:
+                        error = {"Code": entry.get("Code", "?"), "Message": entry.get("Message", "")}
+                        done.set_exception(ClientError({"Error": error}, "DeleteMessageBatch"))
+        finally:
+            self.calls -= 1
+
 
 class _Acks:
     """What one message produced and the acknowledgements still awaited.
 
     Records are appended to one open producer batch per partition (aiokafka's batch API: a fraction of the
-    per-record cost of ``send``), partitioned like Kafka's default partitioner: murmur2 of the key, and one
-    partition per message for unkeyed records (sticky). A full batch is sent at once; ``wait`` sends the
-    open ones and raises MessageFailed unless every batch is acknowledged. Past PENDING_BYTES the records
-    are awaited before more are added, so an oversized object never piles up unacknowledged.
+    per-record cost of ``send``), partitioned like Kafka's default partitioner (:class:`KeyPartitions`), and
+    one partition per message for unkeyed records (sticky). A full batch is sent at once; ``wait`` sends the
+    open ones and raises MessageFailed unless every batch is acknowledged. Past PENDING_BYTES unacknowledged
+    the oldest batches are awaited until half of that is left, so an oversized object never piles up
+    unacknowledged while the reading goes on beside the newest batches in flight.
     """
 
     def __init__(self, service: IngestService) -> None:
@@ -426,68 +489,82 @@ class _Acks:
         self.producer = service.producer
         self.topic = service.settings.topic
         self.open: dict[int, Any] = {}  # partition -> BatchBuilder
-        self.pending: list[Awaitable[Any]] = []
-        self.pending_bytes = 0
-        self.partitions: list[int] = []
-        self.unkeyed = -1
+        self.open_bytes: dict[int, int] = {}
+        self.pending: deque[tuple[Awaitable[Any], int]] = deque()  # (delivery future, bytes), oldest first
+        self.pending_bytes = 0  # appended and not yet acknowledged
+        self.partition_of: KeyPartitions | None = None
+        self.unkeyed = 0
 
     async def send(self, value: bytes, key: str | None) -> None:
+        await self._append([(value, key)])
+
+    async def send_records(self, records: list[bytes]) -> int:
+        """Append the records of a log file, keyed by :func:`raw_record_key`; how many."""
+        await self._append([(raw, raw_record_key(raw)) for raw in records])
+        return len(records)
+
+    async def _append(self, items: list[tuple[bytes, str | None]]) -> None:
         producer = self.producer
         assert producer is not None
         try:
-            if not self.partitions:
-                self.partitions = sorted(await producer.partitions_for(self.topic))
-                self.unkeyed = random.choice(self.partitions)
-            key_bytes = key.encode() if key is not None else None
-            partition = self.unkeyed if key_bytes is None else self.partitions[_hash(key_bytes) % len(self.partitions)]
-            batch = self.open.get(partition)
-            if batch is None:
-                batch = self.open[partition] = producer.create_batch()
-            if batch.append(key=key_bytes, value=value, timestamp=None) is None:  # full: send it, start another
-                await self._send(partition)
-                batch = self.open[partition] = producer.create_batch()
-                if batch.append(key=key_bytes, value=value, timestamp=None) is None:
-                    raise MessageFailed(KAFKA_ERROR, f"a record of {len(value)} bytes does not fit in a producer batch")
+            if self.partition_of is None:
+                self.partition_of, self.unkeyed = await self.service.partition_of()
+            partition_of, open_, sizes = self.partition_of, self.open, self.open_bytes
+            for value, key in items:
+                key_bytes = key.encode() if key is not None else None
+                partition = self.unkeyed if key_bytes is None else partition_of(key_bytes)
+                batch = open_.get(partition)
+                if batch is None:
+                    batch = open_[partition] = producer.create_batch()
+                    sizes[partition] = 0
+                if batch.append(key=key_bytes, value=value, timestamp=None) is None:  # full: send it, start another
+                    await self._send(partition)
+                    batch = open_[partition] = producer.create_batch()
+                    sizes[partition] = 0
+                    if batch.append(key=key_bytes, value=value, timestamp=None) is None:
+                        raise MessageFailed(KAFKA_ERROR, f"a record of {len(value)} bytes does not fit in a producer batch")
+                sizes[partition] += len(value)
+                self.pending_bytes += len(value)
         except KafkaError as exc:
             raise MessageFailed(KAFKA_ERROR, f"producing: {type(exc).__name__}: {exc}") from None
-        self.pending_bytes += len(value)
         if self.pending_bytes >= PENDING_BYTES:
-            await self.wait()
+            await self._settle(PENDING_BYTES // 2)
 
     async def _send(self, partition: int) -> None:
         assert self.producer is not None
         batch = self.open.pop(partition)
-        self.pending.append(await self.producer.send_batch(batch, self.topic, partition=partition))
+        size = self.open_bytes.pop(partition)
+        self.pending.append((await self.producer.send_batch(batch, self.topic, partition=partition), size))
 
-    async def wait(self) -> None:
+    async def _settle(self, left: int) -> None:
+        """Send the open batches, then await the oldest until at most ``left`` bytes are unacknowledged."""
         try:
             for partition in list(self.open):
                 await self._send(partition)
         except KafkaError as exc:
             await self.wait_quietly()
             raise MessageFailed(KAFKA_ERROR, f"producing: {type(exc).__name__}: {exc}") from None
-        pending, self.pending, self.pending_bytes = self.pending, [], 0
-        results = await asyncio.gather(*pending, return_exceptions=True)
+        done = []
+        while self.pending and self.pending_bytes > left:
+            future, size = self.pending.popleft()
+            self.pending_bytes -= size
+            done.append(future)
+        results = await asyncio.gather(*done, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
+            await self.wait_quietly()
             raise MessageFailed(KAFKA_ERROR, f"{len(errors)} batch(es) not acknowledged: {type(errors[0]).__name__}: {errors[0]}")
+
+    async def wait(self) -> None:
+        await self._settle(0)
 
     async def wait_quietly(self) -> None:
         self.open.clear()
-        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        self.open_bytes.clear()
+        pending = [future for future, _ in self.pending]
+        self.pending.clear()
+        self.pending_bytes = 0
         await asyncio.gather(*pending, return_exceptions=True)
-
-
-_HASHES: dict[bytes, int] = {}  # murmur2 of instance IDs seen (pure Python murmur2 costs microseconds)
-
-
-def _hash(key: bytes) -> int:
-    value = _HASHES.get(key)
-    if value is None:
-        if len(_HASHES) >= 1 << 17:
-            _HASHES.clear()
-        value = _HASHES[key] = murmur2(key) & 0x7FFFFFFF
-    return value
 
 
 def install_signal_handlers(service: IngestService, loop: asyncio.AbstractEventLoop) -> None:
