@@ -16,7 +16,6 @@ import asyncio
 import random
 import signal
 import time
-from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +116,7 @@ class InWork:
     received: float  # monotonic
     renewed: float  # monotonic, last visibility change
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    reading: bool = True  # still counted against `concurrency` (not yet only awaiting acks and deletion)
 
 
 class IngestService:
@@ -131,12 +131,14 @@ class IngestService:
         # Receivers wait on it for room; each queue's receiver asks for what is free when it polls, so with
         # several queues up to (queues - 1) x max_messages more than `concurrency` may be in work at once.
         self._room = asyncio.Condition()
+        self._reading = 0  # messages in work not yet only awaiting their acks and deletion
         self._receiving_ok: dict[str, bool] = {u: False for u in settings.queues}
         self._loop_alive = False
         self._sqs: Any = None
         self._s3: Any = None
         self._partitions: KeyPartitions | None = None
         self._deleters: dict[str, _Deleter] = {}
+        self.batches: _Batches | None = None
 
     # --- probes --------------------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -233,6 +235,7 @@ class IngestService:
                 delay = min(delay * 2, s.retry_max_seconds)
                 continue
             self.producer = producer
+            self.batches = _Batches(producer, s.topic)
             if s.topic not in topics:  # produce would fail every message, which would only cycle back to its queue
                 raise StartupError(
                     f"topic {s.topic!r} (the `topic` setting, DETECTOR_TOPIC) does not exist on {s.kafka_bootstrap}: "
@@ -268,10 +271,10 @@ class IngestService:
         delay = 0.5
         batch = min(s.max_messages, (s.concurrency + 1) // 2)
         while not self.stopping.is_set():
-            async with self._room:  # receive only while fewer than `concurrency` messages are in work ...
+            async with self._room:  # receive only while fewer than `concurrency` messages are being read ...
                 # ... and room for a batch: one receive per freed message would cost a call per message
-                await self._room.wait_for(lambda: s.concurrency - len(self.in_work) >= batch or not self.in_work)
-            free = min(s.max_messages, s.concurrency - len(self.in_work))
+                await self._room.wait_for(lambda: self._room_for() >= batch or not self.in_work)
+            free = min(s.max_messages, self._room_for())
             try:
                 answer = await self._sqs.receive_message(
                     QueueUrl=url,
@@ -296,6 +299,7 @@ class IngestService:
                 sent = msg.get("Attributes", {}).get("SentTimestamp")
                 work = InWork(url, msg["ReceiptHandle"], msg.get("MessageId", "?"), int(sent) / 1000 if sent else time.time(), now, now)
                 self.in_work[work.receipt] = work
+                self._reading += 1
                 self.metrics.in_flight.inc()
                 work.task = asyncio.create_task(self._handle(work, msg.get("Body", "")))
 
@@ -330,7 +334,7 @@ class IngestService:
         name = queue_name(work.queue)
         with structlog.contextvars.bound_contextvars(queue=name, message_id=work.message_id):
             try:
-                result = await self._process(text)
+                result = await self._process(text, work)
                 await self._deleters[work.queue].delete(work.receipt)
                 self.metrics.messages.labels(name, result).inc()
                 log.debug("message_done", result=result)
@@ -345,6 +349,7 @@ class IngestService:
                 self._failed(name, aws_reason(exc), f"deleting the message: {describe_aws_error(exc)}")
             finally:
                 self.in_work.pop(work.receipt, None)
+                await self._read_all(work)
                 self.metrics.in_flight.dec()
                 async with self._room:
                     self._room.notify_all()
@@ -361,7 +366,21 @@ class IngestService:
         except (ClientError, BotoCoreError) as exc:
             log.warning("release_failed", error=describe_aws_error(exc))
 
-    async def _process(self, text: str) -> str:
+    def _room_for(self) -> int:
+        """Messages that may be received now: fewer than `concurrency` being read, and as many more at most
+        only awaiting their acks and deletion (their records are in the producer's buffers already)."""
+        s = self.settings
+        return min(s.concurrency - self._reading, 2 * s.concurrency - len(self.in_work))
+
+    async def _read_all(self, work: InWork) -> None:
+        """The message's records are all produced: it no longer counts against `concurrency`."""
+        if work.reading:
+            work.reading = False
+            self._reading -= 1
+            async with self._room:
+                self._room.notify_all()
+
+    async def _process(self, text: str, work: InWork) -> str:
         """Produce everything the message carries and wait for the acks; ``deleted`` or ``ignored``."""
         try:
             body: Body = parse_body(text)
@@ -373,14 +392,17 @@ class IngestService:
         acks = _Acks(self)
         if body.event is not None:
             await acks.send(body.event, body.key)
+            await self._read_all(work)
             await acks.wait()
             self.metrics.records.labels("eventbridge").inc()
             return "deleted"
-        for obj in body.objects:
-            await self._read_object(obj, acks)
+        for n, obj in enumerate(body.objects, 1):
+            await self._read_object(obj, acks, work if n == len(body.objects) else None)
         return "deleted"
 
-    async def _read_object(self, obj: S3Object, acks: _Acks) -> None:
+    async def _read_object(self, obj: S3Object, acks: _Acks, last_of: InWork | None = None) -> None:
+        """Stream, split and produce one object, then wait for its acks (``last_of``: the message whose last
+        object it is, released from `concurrency` before that wait)."""
         splitter = ObjectSplitter(max_record=self.settings.max_message_bytes)
         where = f"s3://{obj.bucket}/{obj.key}"
         produced = 0
@@ -393,6 +415,8 @@ class IngestService:
                         produced += await acks.send_records(records)
             for records in splitter.close():
                 produced += await acks.send_records(records)
+            if last_of is not None:
+                await self._read_all(last_of)
             await acks.wait()
         except MessageFailed:
             await acks.wait_quietly()
@@ -473,24 +497,81 @@ class _Deleter:
             self.calls -= 1
 
 
+class _Batches:
+    """The open producer batches of the service, one per partition, shared by every message in work.
+
+    aiokafka queues one batch per partition until the broker takes it (``send_batch`` waits for that), and
+    each produce request carries one batch per partition: batches of one message each (a small log file
+    gives a few hundred records over the partitions) would cost a request per small batch. Shared, they
+    fill up to PRODUCER_BATCH_BYTES whatever the size of the files. Each open batch has a future that
+    tells every message with records in it when it is acknowledged (or why not). Batches of a partition
+    are sent one at a time in the order they were closed, so records keep their order in a partition.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.open: dict[int, tuple[Any, asyncio.Future[Any]]] = {}  # partition -> (BatchBuilder, its delivery)
+        self.sending: dict[int, asyncio.Lock] = {}
+
+    def append(self, partition: int, key: bytes | None, value: bytes) -> asyncio.Future[Any] | None:
+        """Add a record to the open batch of ``partition``: that batch's future, or None when it is full."""
+        entry = self.open.get(partition)
+        if entry is None:
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.add_done_callback(_retrieved)
+            entry = self.open[partition] = (self.producer.create_batch(), done)
+        if entry[0].append(key=key, value=value, timestamp=None) is None:
+            return None
+        return entry[1]
+
+    async def send(self, partition: int) -> None:
+        """Send the open batch of ``partition``, if any; raises the KafkaError of queueing it."""
+        entry = self.open.pop(partition, None)
+        if entry is None:
+            return
+        batch, done = entry
+        async with self.sending.setdefault(partition, asyncio.Lock()):
+            try:
+                delivery = await self.producer.send_batch(batch, self.topic, partition=partition)
+            except BaseException as exc:
+                if not done.done():
+                    done.set_exception(exc if isinstance(exc, Exception) else KafkaError("not sent"))
+                raise
+        delivery.add_done_callback(lambda sent: _settle_future(done, sent))
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a failure every message already gave up on is not an "exception never retrieved"
+
+
+def _settle_future(done: asyncio.Future[Any], sent: asyncio.Future[Any]) -> None:
+    if done.done():
+        return
+    if sent.cancelled():
+        done.set_exception(KafkaError("delivery cancelled"))
+    elif sent.exception() is not None:
+        done.set_exception(sent.exception())  # type: ignore[arg-type]
+    else:
+        done.set_result(sent.result())
+
+
 class _Acks:
     """What one message produced and the acknowledgements still awaited.
 
-    Records are appended to one open producer batch per partition (aiokafka's batch API: a fraction of the
-    per-record cost of ``send``), partitioned like Kafka's default partitioner (:class:`KeyPartitions`), and
-    one partition per message for unkeyed records (sticky). A full batch is sent at once; ``wait`` sends the
-    open ones and raises MessageFailed unless every batch is acknowledged. Past PENDING_BYTES unacknowledged
-    the oldest batches are awaited until half of that is left, so an oversized object never piles up
-    unacknowledged while the reading goes on beside the newest batches in flight.
+    Records go into the service's shared open batches (:class:`_Batches`), partitioned like Kafka's default
+    partitioner (:class:`KeyPartitions`), and to one partition per message for unkeyed records (sticky).
+    ``wait`` sends the open batches holding this message's records and raises MessageFailed unless every
+    one is acknowledged. Past PENDING_BYTES unacknowledged the oldest batches are awaited until half of
+    that is left, so an oversized object never piles up unacknowledged while the reading goes on beside
+    the newest batches in flight.
     """
 
     def __init__(self, service: IngestService) -> None:
         self.service = service
-        self.producer = service.producer
-        self.topic = service.settings.topic
-        self.open: dict[int, Any] = {}  # partition -> BatchBuilder
-        self.open_bytes: dict[int, int] = {}
-        self.pending: deque[tuple[Awaitable[Any], int]] = deque()  # (delivery future, bytes), oldest first
+        self.batches = service.batches
+        self.mine: dict[asyncio.Future[Any], int] = {}  # batches holding this message's records -> its bytes, oldest first
         self.pending_bytes = 0  # appended and not yet acknowledged
         self.partition_of: KeyPartitions | None = None
         self.unkeyed = 0
@@ -504,52 +585,49 @@ class _Acks:
         return len(records)
 
     async def _append(self, items: list[tuple[bytes, str | None]]) -> None:
-        producer = self.producer
-        assert producer is not None
+        assert self.batches is not None
         try:
             if self.partition_of is None:
                 self.partition_of, self.unkeyed = await self.service.partition_of()
-            partition_of, open_, sizes = self.partition_of, self.open, self.open_bytes
+            partition_of, batches, mine = self.partition_of, self.batches, self.mine
             for value, key in items:
                 key_bytes = key.encode() if key is not None else None
                 partition = self.unkeyed if key_bytes is None else partition_of(key_bytes)
-                batch = open_.get(partition)
-                if batch is None:
-                    batch = open_[partition] = producer.create_batch()
-                    sizes[partition] = 0
-                if batch.append(key=key_bytes, value=value, timestamp=None) is None:  # full: send it, start another
-                    await self._send(partition)
-                    batch = open_[partition] = producer.create_batch()
-                    sizes[partition] = 0
-                    if batch.append(key=key_bytes, value=value, timestamp=None) is None:
+                done = batches.append(partition, key_bytes, value)
+                if done is None:  # full: send it, start another
+                    await batches.send(partition)
+                    done = batches.append(partition, key_bytes, value)
+                    if done is None:
                         raise MessageFailed(KAFKA_ERROR, f"a record of {len(value)} bytes does not fit in a producer batch")
-                sizes[partition] += len(value)
+                mine[done] = mine.get(done, 0) + len(value)
                 self.pending_bytes += len(value)
         except KafkaError as exc:
             raise MessageFailed(KAFKA_ERROR, f"producing: {type(exc).__name__}: {exc}") from None
         if self.pending_bytes >= PENDING_BYTES:
             await self._settle(PENDING_BYTES // 2)
 
-    async def _send(self, partition: int) -> None:
-        assert self.producer is not None
-        batch = self.open.pop(partition)
-        size = self.open_bytes.pop(partition)
-        self.pending.append((await self.producer.send_batch(batch, self.topic, partition=partition), size))
+    async def _send_mine(self) -> None:
+        assert self.batches is not None
+        for partition, (_, done) in list(self.batches.open.items()):
+            if done in self.mine:
+                await self.batches.send(partition)
 
     async def _settle(self, left: int) -> None:
-        """Send the open batches, then await the oldest until at most ``left`` bytes are unacknowledged."""
+        """Send the open batches holding records of this message, then await the oldest until at most
+        ``left`` bytes are unacknowledged."""
         try:
-            for partition in list(self.open):
-                await self._send(partition)
+            await self._send_mine()
         except KafkaError as exc:
             await self.wait_quietly()
             raise MessageFailed(KAFKA_ERROR, f"producing: {type(exc).__name__}: {exc}") from None
-        done = []
-        while self.pending and self.pending_bytes > left:
-            future, size = self.pending.popleft()
+        awaited = []
+        for done, size in list(self.mine.items()):
+            if left and self.pending_bytes <= left:  # (wait, left 0, awaits every batch)
+                break
+            del self.mine[done]
             self.pending_bytes -= size
-            done.append(future)
-        results = await asyncio.gather(*done, return_exceptions=True)
+            awaited.append(done)
+        results = await asyncio.gather(*awaited, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await self.wait_quietly()
@@ -559,10 +637,14 @@ class _Acks:
         await self._settle(0)
 
     async def wait_quietly(self) -> None:
-        self.open.clear()
-        self.open_bytes.clear()
-        pending = [future for future, _ in self.pending]
-        self.pending.clear()
+        """A failed message: its records already in batches go with them (a redelivery produces them again,
+        and the detector counts a repeated eventID once); wait for them without judging."""
+        try:
+            await self._send_mine()
+        except KafkaError:
+            pass
+        pending = list(self.mine)
+        self.mine.clear()
         self.pending_bytes = 0
         await asyncio.gather(*pending, return_exceptions=True)
 
