@@ -459,6 +459,7 @@ class _Deleter:
         self.url = url
         self.waiting: list[tuple[str, asyncio.Future[None]]] = []
         self.calls = 0
+        self.batched = True  # until DeleteMessageBatch is refused as a permission of its own
         self.tasks: set[asyncio.Task[None]] = set()  # the calls under way (the loop keeps weak references only)
 
     async def delete(self, receipt: str) -> None:
@@ -475,10 +476,20 @@ class _Deleter:
         try:
             while self.waiting:
                 batch, self.waiting = self.waiting[:10], self.waiting[10:]
+                if not self.batched:
+                    await asyncio.gather(*(self._single(receipt, done) for receipt, done in batch))
+                    continue
                 entries = [{"Id": str(n), "ReceiptHandle": receipt} for n, (receipt, _) in enumerate(batch)]
                 try:
                     answer = await self.sqs.delete_message_batch(QueueUrl=self.url, Entries=entries)
                 except (ClientError, BotoCoreError) as exc:
+                    if aws_reason(exc) == ACCESS_DENIED:
+                        # AWS authorises DeleteMessageBatch by sqs:DeleteMessage; an SQS-compatible service
+                        # (or moto's IAM) that asks for its own action gets one DeleteMessage per message
+                        log.info("delete_batch_denied", queue=queue_name(self.url), detail="deleting one message per call")
+                        self.batched = False
+                        await asyncio.gather(*(self._single(receipt, done) for receipt, done in batch))
+                        continue
                     for _, done in batch:
                         if not done.done():
                             done.set_exception(exc)
@@ -495,6 +506,16 @@ class _Deleter:
                         done.set_exception(ClientError({"Error": error}, "DeleteMessageBatch"))
         finally:
             self.calls -= 1
+
+    async def _single(self, receipt: str, done: asyncio.Future[None]) -> None:
+        try:
+            await self.sqs.delete_message(QueueUrl=self.url, ReceiptHandle=receipt)
+        except (ClientError, BotoCoreError) as exc:
+            if not done.done():
+                done.set_exception(exc)
+            return
+        if not done.done():
+            done.set_result(None)
 
 
 class _Batches:
