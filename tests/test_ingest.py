@@ -620,3 +620,27 @@ async def test_sigterm_during_a_broker_outage_exits_within_the_grace_period(brok
         assert time.monotonic() - started < 10
         assert sample(service, "detector_ingest_failures_total", reason="shutdown") == 1
         assert sum(queue_counts(aws, url)) == 1 and queue_counts(aws, dlq) == (0, 0)  # left to the queue
+
+
+async def test_deletes_go_in_batches_and_each_message_answers_for_itself(aws: MotoServer) -> None:
+    """Messages done together share a DeleteMessageBatch call; an entry SQS refuses (a receipt handle that
+    is no longer valid) fails its own delete only, as DeleteMessage would, and the others are gone."""
+    from aiobotocore.session import get_session
+    from botocore.exceptions import ClientError
+
+    from detector.ingest.bridge import _Deleter
+
+    url, _ = make_queue(aws)
+    sqs = aws.client("sqs")
+    for n in range(12):
+        sqs.send_message(QueueUrl=url, MessageBody=f"m{n}")
+    receipts: list[str] = []
+    while len(receipts) < 12:
+        got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=60).get("Messages", [])
+        receipts += [m["ReceiptHandle"] for m in got]
+    async with get_session().create_client("sqs") as client:
+        deleter = _Deleter(client, url)
+        results = await asyncio.gather(*(deleter.delete(r) for r in [*receipts, "not-a-receipt-handle"]), return_exceptions=True)
+    assert results[:12] == [None] * 12
+    assert isinstance(results[12], ClientError) and results[12].operation_name == "DeleteMessageBatch"
+    assert queue_counts(aws, url) == (0, 0)

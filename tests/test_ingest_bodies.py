@@ -21,6 +21,7 @@ from detector.ingest.bodies import (
     S3Object,
     event_key,
     parse_body,
+    raw_record_key,
     record_key,
 )
 
@@ -129,38 +130,55 @@ def test_bad_bodies_name_their_reason(text: str, reason: str) -> None:
 # --- keys ----------------------------------------------------------------------------------------
 
 
+def key(value: Any) -> str | None:
+    """record_key of a value, checked to be raw_record_key of its JSON text (what ingest keys records by)."""
+    found = record_key(value)
+    assert raw_record_key(orjson.dumps(value)) == found
+    return found
+
+
 def test_record_keys_follow_spec_10() -> None:
-    assert record_key(record()) == I1
+    assert key(record()) == I1
     identity_role = {"type": "AssumedRole", "arn": f"arn:aws-us-gov:sts::111122223333:assumed-role/aws:ec2-instance/{I2}"}
-    assert record_key(record(userIdentity=identity_role)) == I2
+    assert key(record(userIdentity=identity_role)) == I2
     infra = {"type": "AssumedRole", "arn": f"arn:aws:sts::111122223333:assumed-role/aws:ec2-infrastructure/{I2}"}
-    assert record_key(record(userIdentity=infra)) is None
+    assert key(record(userIdentity=infra)) is None
     user = {"type": "IAMUser", "arn": "arn:aws:iam::111122223333:user/alice"}
-    assert record_key(record(userIdentity=user)) is None
+    assert key(record(userIdentity=user)) is None
     issuance = record(
         eventName="AssumeRole",
         userIdentity={"type": "AWSService", "invokedBy": "ec2.amazonaws.com"},
         requestParameters={"roleSessionName": I2, "roleArn": "arn:aws:iam::111122223333:role/web"},
     )
-    assert record_key(issuance) == I2
-    assert record_key(issuance | {"userIdentity": {"type": "AWSService", "invokedBy": "lambda.amazonaws.com"}}) is None
+    assert key(issuance) == I2
+    assert key(issuance | {"userIdentity": {"type": "AWSService", "invokedBy": "lambda.amazonaws.com"}}) is None
     items = {"instancesSet": {"items": [{"instanceId": I2}, {"instanceId": I1}]}}
     ec2 = {"eventSource": "ec2.amazonaws.com", "userIdentity": user}
     for name in ("StopInstances", "StartInstances", "TerminateInstances"):
-        assert record_key(record(eventName=name, requestParameters=items, responseElements=None) | ec2) == I2
+        assert key(record(eventName=name, requestParameters=items, responseElements=None) | ec2) == I2
         swapped = {"instancesSet": {"items": [{"instanceId": I1}]}}
-        assert record_key(record(eventName=name, requestParameters=items, responseElements=swapped) | ec2) == I1
+        assert key(record(eventName=name, requestParameters=items, responseElements=swapped) | ec2) == I1
         # not a lifecycle signal (SPEC §11), so nothing to key by: a failed or DryRun call, another service
-        assert record_key(record(eventName=name, requestParameters=items, errorCode="Client.UnauthorizedOperation") | ec2) is None
-        assert record_key(record(eventName=name, requestParameters=items | {"dryRun": True}) | ec2) is None
-        assert record_key(record(eventName=name, requestParameters=items, userIdentity=user)) is None
+        assert key(record(eventName=name, requestParameters=items, errorCode="Client.UnauthorizedOperation") | ec2) is None
+        assert key(record(eventName=name, requestParameters=items | {"dryRun": True}) | ec2) is None
+        assert key(record(eventName=name, requestParameters=items, userIdentity=user)) is None
     # the session's own instance comes first when an instance stops another one
-    assert record_key(record(eventName="StopInstances", eventSource="ec2.amazonaws.com", requestParameters=items)) == I1
+    assert key(record(eventName="StopInstances", eventSource="ec2.amazonaws.com", requestParameters=items)) == I1
     evicted = record(eventName="BidEvictedEvent", userIdentity={"accountId": "1"}, serviceEventDetails={"instanceIdSet": [I2]})
-    assert record_key(evicted) == I2
-    assert record_key(record(eventName="AssociateAddress", requestParameters={"instanceId": I2}) | ec2) == I2
-    assert record_key(record(eventName="AssociateAddress", requestParameters={"instanceId": "x"}) | ec2) is None
-    assert record_key(42) is None and record_key({"userIdentity": "x"}) is None
+    assert key(evicted) == I2
+    assert key(record(eventName="AssociateAddress", requestParameters={"instanceId": I2}) | ec2) == I2
+    assert key(record(eventName="AssociateAddress", requestParameters={"instanceId": "x"}) | ec2) is None
+    assert key(42) is None and key({"userIdentity": "x"}) is None
+    # shapes the small decode of raw_record_key does not fit: parsed whole, keyed the same way
+    assert key(record(requestParameters="a string")) == I1 and key(record(userIdentity=None)) is None
+    assert key(record(userIdentity={"type": "AssumedRole", "arn": 7})) is None
+    assert key(record(eventName="StopInstances", requestParameters=[1]) | ec2) is None
+    assert key({"detail-type": "EC2 Instance State-change Notification", "detail": {"instance-id": I2, "state": "stopped"}}) == I2
+    assert key(record(eventName="AssumeRole", requestParameters={"roleSessionName": I2, "roleArn": "arn:aws:iam::111122223333:role/web"})) == I1
+    assert key(["x"]) is None and key(None) is None
+    with pytest.raises(BodyError) as err:
+        raw_record_key(b'{"eventName": nope}')
+    assert err.value.reason == NOT_CLOUDTRAIL
 
 
 def test_event_keys() -> None:
@@ -176,15 +194,18 @@ def test_event_keys() -> None:
 
 
 def split(data: bytes, chunk: int, **options: int) -> list[Any]:
-    """The values of the records, checking that each raw slice is exactly the text of its value."""
+    """The values of the records, checking that each is cut as its exact text, keyed as its value."""
     splitter = ObjectSplitter(max_piece=4096, **options)
-    out: list[tuple[bytes, Any]] = []
+    out: list[bytes] = []
     for i in range(0, len(data), chunk):
-        out.extend(splitter.feed(data[i : i + chunk]))
-    out.extend(splitter.close())
-    for raw, value in out:
-        assert orjson.loads(raw) == value and raw == raw.strip()
-    return [value for _, value in out]
+        for records in splitter.feed(data[i : i + chunk]):
+            out.extend(records)
+    for records in splitter.close():
+        out.extend(records)
+    values = [orjson.loads(raw) for raw in out]
+    for raw, value in zip(out, values):
+        assert type(raw) is bytes and raw == raw.strip() and raw_record_key(raw) == record_key(value)
+    return values
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000, 1 << 20])
@@ -243,13 +264,12 @@ def test_oversized_object_in_bounded_memory() -> None:
     try:
         for part in big_log_file(25_000):
             total += len(part)
-            for chunk in (compressor.compress(part),):
-                for _, rec in splitter.feed(chunk):
-                    count += 1
-                    assert rec["eventID"] == "id-0"
-        for rec in splitter.feed(compressor.flush()):
-            count += 1
-        count += sum(1 for _ in splitter.close())
+            for records in splitter.feed(compressor.compress(part)):
+                count += len(records)
+                assert all(raw.startswith(b'{"eventVersion": "1.08", "eventID": "id-0"') for raw in records)
+        for records in splitter.feed(compressor.flush()):
+            count += len(records)
+        count += sum(len(records) for records in splitter.close())
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -288,3 +308,19 @@ def test_a_record_longer_than_the_limit_is_an_error_not_a_memory_hog() -> None:
     with pytest.raises(BodyError, match="longer than"):
         split(data, 4096, max_record=20_000)
     assert len(split(data, 4096, max_record=100_000)) == 2
+
+
+@pytest.mark.parametrize("chunk", [5, 333, 1 << 20])
+def test_runs_cut_in_bulk_and_fake_record_starts(chunk: int) -> None:
+    """Compact files are cut in runs; a nested object starting like a record (a fake boundary) or a bad
+    record in a run sends that run through the element-by-element cut: same records, same errors."""
+    fake = {"items": [{"eventVersion": "x"}, {"eventVersion": "y", "n": [{"eventVersion": "z"}]}]}
+    records = [record(n) for n in range(30)] + [record(30, requestParameters=fake)] + [record(n) for n in range(31, 60)]
+    data = orjson.dumps({"Records": records})
+    assert split(data, chunk) == records
+    assert split(gzip.compress(data), chunk) == records
+    for bad in (b'"eventID": "id-1\xff"', b'"eventID": nope', b'"eventID": "id-1\x01"'):
+        broken = data.replace(b'"eventID":"id-1"', bad)
+        with pytest.raises(BodyError) as err:
+            split(broken, chunk)
+        assert err.value.reason == NOT_CLOUDTRAIL

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
 
+import msgspec
 import orjson
 
-from ..core.engine import record_instances
-from ..core.records import STATE_CHANGE
+from ..core.engine import record_instances, session_parts
+from ..core.records import SIGNAL_NAMES, STATE_CHANGE, _Parameters
 
 # Reasons (the `reason` label of detector_ingest_failures_total).
 INVALID_JSON = "invalid_json"  # the body (or an SNS Message) is not JSON
@@ -165,6 +166,75 @@ def record_key(record: Any) -> str | None:
     return instances[0] if instances else None
 
 
+class _KeyIdentity(msgspec.Struct, gc=False):
+    type: Any = None
+    arn: Any = None
+    invokedBy: Any = None
+
+
+class _KeyResponse(msgspec.Struct, gc=False):
+    instancesSet: Any = None
+
+
+class _KeyFields(msgspec.Struct, gc=False, rename={"detail_type": "detail-type"}):
+    """Every field :func:`record_key` reads, and only those: msgspec skips the rest without building it."""
+
+    userIdentity: _KeyIdentity | None = None
+    eventName: Any = None
+    eventSource: Any = None
+    errorCode: Any = None
+    requestParameters: _Parameters | None = None  # the fields the engine reads, as the fast decoder has them
+    responseElements: _KeyResponse | None = None
+    serviceEventDetails: Any = None
+    detail_type: Any = msgspec.UNSET  # an EventBridge-shaped element: left to record_key whole
+
+
+_KEY_DECODER = msgspec.json.Decoder(_KeyFields)
+_DECODE_ERRORS = (msgspec.DecodeError, RecursionError)
+_SESSION_KEYS: dict[str, str | None] = {}  # session ARN -> its instance (or None); bounded, cleared when full
+
+
+def raw_record_key(raw: Any) -> str | None:
+    """:func:`record_key` of a record given as its JSON text (bytes), without parsing the whole record.
+
+    The fields the key depends on are decoded into a small struct (the rest skipped); a record that may be
+    an issuance or a signal is then keyed by :func:`record_key` itself on those fields, one of a session
+    by its ARN (memoised). An element the struct does not fit (not an object, a field of another type, an
+    EventBridge-shaped element) is parsed whole and keyed by :func:`record_key`, so the rules stay one.
+    Raises :class:`BodyError` (``not_cloudtrail``) when ``raw`` is not JSON.
+    """
+    try:
+        fields = _KEY_DECODER.decode(raw)
+    except _DECODE_ERRORS:
+        return _parsed_key(raw)
+    if fields.detail_type is not msgspec.UNSET:
+        return _parsed_key(raw)
+    name = fields.eventName
+    if name == "AssumeRole" or (type(name) is str and name in SIGNAL_NAMES):
+        return record_key(msgspec.to_builtins(fields))
+    identity = fields.userIdentity
+    if identity is None or identity.type != "AssumedRole" or type(identity.arn) is not str:
+        return None  # neither a session, nor an issuance, nor a signal (record_instances: no instance)
+    arn = identity.arn
+    try:
+        return _SESSION_KEYS[arn]
+    except KeyError:
+        pass
+    if len(_SESSION_KEYS) >= 1 << 16:
+        _SESSION_KEYS.clear()
+    parts = session_parts({"userIdentity": {"type": "AssumedRole", "arn": arn}})
+    key = _SESSION_KEYS[arn] = parts[4] if parts is not None else None
+    return key
+
+
+def _parsed_key(raw: Any) -> str | None:
+    try:
+        value = orjson.loads(bytes(raw))
+    except orjson.JSONDecodeError as exc:
+        raise BodyError(NOT_CLOUDTRAIL, f"a Records element is not valid JSON ({exc})") from None
+    return record_key(value)
+
+
 def event_key(event: dict[str, Any]) -> str | None:
     """The instance ID of an EventBridge event: ``detail.instance-id`` of an EC2 state-change notification,
     else that of its CloudTrail ``detail``."""
@@ -184,8 +254,8 @@ class ObjectSplitter:
     Gzip (recognised by its magic bytes, not the key) or plain JSON ``{"Records": [...]}``. Decompression
     is bounded (``max_piece`` output bytes at a time) and the elements of ``Records`` are cut out of the
     text incrementally (:class:`RecordsSplitter`), so memory holds one piece and the record being cut,
-    whatever the object's size. Each element comes out as ``(raw, value)``: its bytes exactly as in the
-    file, and the parsed JSON value (normally a dict).
+    whatever the object's size. Each element comes out as its bytes exactly as in the file (the value to
+    produce; :func:`raw_record_key` gives its key).
     """
 
     def __init__(self, max_piece: int = 1 << 20, max_record: int = 64 << 20) -> None:
@@ -201,8 +271,8 @@ class ObjectSplitter:
         """JSON bytes parsed (decompressed)."""
         return self._records.bytes_in
 
-    def feed(self, chunk: bytes) -> Iterator[tuple[bytes, Any]]:
-        """The records completed by ``chunk`` (a generator: consume it before feeding the next chunk)."""
+    def feed(self, chunk: bytes) -> Iterator[list[bytes]]:
+        """The records completed by ``chunk``, in lists (a generator: consume it before feeding the next chunk)."""
         if not chunk:
             return
         self.bytes_in += len(chunk)
@@ -215,7 +285,7 @@ class ObjectSplitter:
             if self.compressed:
                 self._inflate = zlib.decompressobj(wbits=31)
         if not self.compressed:
-            yield from self._records.feed(chunk)
+            yield self._records.feed(chunk)
             return
         data = chunk
         while data:
@@ -227,16 +297,16 @@ class ObjectSplitter:
             if self._inflate.eof and self._inflate.unused_data:  # a multi-member gzip file: next member
                 data = self._inflate.unused_data
                 self._inflate = zlib.decompressobj(wbits=31)
-            yield from self._records.feed(piece)
+            yield self._records.feed(piece)
 
-    def close(self) -> Iterator[tuple[bytes, Any]]:
+    def close(self) -> Iterator[list[bytes]]:
         """The last records; raises :class:`BodyError` if the object ended early or was not a log file."""
         if self.compressed is None and self._magic:  # a one-byte object
             self.compressed = False
-            yield from self._records.feed(self._magic)
+            yield self._records.feed(self._magic)
         if self.compressed and self._inflate is not None and not self._inflate.eof:
             raise BodyError(BAD_GZIP, "gzip stream ends early (truncated object)")
-        yield from self._records.close()
+        yield self._records.close()
 
 
 _WS = b" \t\r\n"
@@ -254,13 +324,20 @@ _GUESSES = 16  # failed candidate ends of one element before the exact scan
 
 
 class RecordsSplitter:
-    """The elements of the top-level ``Records`` array of a JSON text fed in pieces, as ``(raw, value)``.
+    """The elements of the top-level ``Records`` array of a JSON text fed in pieces, as their bytes.
 
-    An element's end is found fast: the next ``}`` followed by ``,`` or ``]`` is a candidate, and the
-    candidate is right when the bytes up to it parse as JSON (orjson). After ``_GUESSES`` wrong candidates
-    (an element full of nested arrays of objects) an exact scan of its strings and brackets takes over,
-    so the cost stays linear. An element longer than ``max_record`` bytes is an error, which bounds the
-    memory whatever the input.
+    The common case is cut in bulk: CloudTrail writes every record starting with ``{"eventVersion"``, so
+    the text from the current element up to the last ``}`` followed by ``,`` and such a start is a run of
+    whole records, which msgspec splits into ``list[Raw]`` in one compiled pass — validating the JSON of
+    the run, since it can only decode when every element in it is complete and well-formed (a ``{"`` of
+    a string is always ``{\\"``, so a fake start can only be a nested object, whose cut leaves the run
+    unbalanced). A run that does not decode, or holds non-UTF-8 bytes, is cut element by element below.
+
+    Element by element, an end is found fast: the next ``}`` followed by ``,`` or ``]`` is a candidate, and
+    the candidate is right when the bytes up to it parse as JSON (orjson). After ``_GUESSES`` wrong
+    candidates (an element full of nested arrays of objects) an exact scan of its strings and brackets
+    takes over, so the cost stays linear. An element longer than ``max_record`` bytes is an error, which
+    bounds the memory whatever the input.
     """
 
     def __init__(self, max_record: int = 64 << 20) -> None:
@@ -272,12 +349,13 @@ class RecordsSplitter:
         self._scan = 0  # where the search for the current element's end resumes
         self._guesses = 0
         self._generic = False  # the current element is searched for with _OBJECT_END
+        self._slow_until = 0  # a run that did not decode in bulk ends here: cut it element by element
 
-    def feed(self, data: bytes, final: bool = False) -> list[tuple[bytes, Any]]:
+    def feed(self, data: bytes, final: bool = False) -> list[bytes]:
         self.bytes_in += len(data)
         buf = self._buf
         buf += data
-        out: list[tuple[bytes, Any]] = []
+        out: list[bytes] = []
         pos = 0
         if self._state == "head":
             if len(buf) < _HEAD_BYTES and not final:
@@ -301,13 +379,18 @@ class RecordsSplitter:
                 else:
                     raise BodyError(NOT_CLOUDTRAIL, "Records is not a JSON array of records")
                 continue
+            if pos >= self._slow_until:
+                cut = self._bulk(buf, pos, out)
+                if cut:
+                    pos, self._state, self._first, self._scan, self._guesses, self._generic = cut, "delimiter", False, 0, 0, False
+                    continue
             found = self._element(buf, pos, final)
             if found is None:
                 if n - pos > self.max_record:
                     raise BodyError(NOT_CLOUDTRAIL, f"a record longer than {self.max_record} bytes (or not JSON)")
                 break
-            end, raw, value = found
-            out.append((raw, value))
+            end, raw = found
+            out.append(raw)
             pos, self._state, self._first, self._scan, self._guesses, self._generic = end, "delimiter", False, 0, 0, False
         if self._state == "tail":
             rest = bytes(buf[pos:]).strip(_WS)
@@ -318,16 +401,35 @@ class RecordsSplitter:
         elif self._state == "done" and bytes(buf[pos:]).strip(_WS):
             raise BodyError(NOT_CLOUDTRAIL, "bytes after the end of the log file")
         del buf[:pos]
+        self._slow_until = max(0, self._slow_until - pos)
         return out
 
-    def close(self) -> list[tuple[bytes, Any]]:
+    def close(self) -> list[bytes]:
         out = self.feed(b"", final=True)
         if self._state != "done":
             raise BodyError(NOT_CLOUDTRAIL, "object is not a complete CloudTrail log file (ends early or is not JSON)")
         return out
 
-    def _element(self, buf: bytearray, start: int, final: bool) -> tuple[int, bytes, Any] | None:
-        """(end, raw bytes, value) of the element starting at ``start``, or None when it is not complete yet."""
+    def _bulk(self, buf: bytearray, start: int, out: list[bytes]) -> int:
+        """Cut the run of whole records from ``start`` (see the class doc) into ``out``: the end of the run,
+        or 0 when there is none or it does not decode (then ``_slow_until`` covers it)."""
+        if not buf.startswith(_RECORD_START, start):
+            return 0
+        cut = _last_record_end(buf, start)
+        if cut <= start:
+            return 0
+        run = b"[" + buf[start:cut] + b"]"
+        if run.isascii() or _utf8(run):
+            try:
+                out.extend(map(bytes, _RUN_DECODER.decode(run)))
+                return cut
+            except _DECODE_ERRORS:
+                pass
+        self._slow_until = cut
+        return 0
+
+    def _element(self, buf: bytearray, start: int, final: bool) -> tuple[int, bytes] | None:
+        """(end, raw bytes) of the element starting at ``start``, or None when it is not complete yet."""
         if buf[start] != 0x7B:
             pattern = _VALUE_END
         elif buf.startswith(_RECORD_START, start) and not self._generic:
@@ -346,7 +448,8 @@ class RecordsSplitter:
             end = m.end()
             raw = bytes(buf[start:end])
             try:
-                return end, raw, orjson.loads(raw)
+                orjson.loads(raw)
+                return end, raw
             except orjson.JSONDecodeError:
                 self._guesses += 1
                 scan = end
@@ -355,11 +458,44 @@ class RecordsSplitter:
             return None
         raw = bytes(buf[start:end])
         try:
-            return end, raw, orjson.loads(raw)
+            orjson.loads(raw)
+            return end, raw
         except orjson.JSONDecodeError as exc:
             if final:
                 raise BodyError(NOT_CLOUDTRAIL, f"a Records element is not valid JSON ({exc})") from None
             return None  # the text may end inside a string: wait for more
+
+
+_RUN_DECODER = msgspec.json.Decoder(list[msgspec.Raw])
+_NEXT_RECORD = b'{"eventVersion"'
+
+
+def _last_record_end(buf: bytearray, start: int) -> int:
+    """The end (exclusive) of the last ``}`` after ``start`` followed by ``,`` and ``{"eventVersion"``
+    (whitespace allowed between), or -1."""
+    hi = len(buf)
+    while True:
+        j = buf.rfind(_NEXT_RECORD, start + 1, hi)
+        if j < 0:
+            return -1
+        k = j - 1
+        while k > start and buf[k] in _WS:
+            k -= 1
+        if buf[k] == 0x2C:  # ','
+            k -= 1
+            while k > start and buf[k] in _WS:
+                k -= 1
+            if buf[k] == 0x7D:  # '}'
+                return k + 1
+        hi = j
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _exact_end(buf: bytearray, start: int) -> int | None:

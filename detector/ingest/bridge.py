@@ -20,18 +20,17 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import structlog
 from aiobotocore.session import get_session
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import murmur2
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
 from ..service.http import HttpServer
 from ..service.kafka_config import kafka_common_kwargs
-from .bodies import BAD_GZIP, INVALID_JSON, NOT_CLOUDTRAIL, UNKNOWN_SHAPE, Body, BodyError, ObjectSplitter, S3Object, parse_body, record_key
+from ..service.partitioning import KeyPartitions
+from .bodies import BAD_GZIP, INVALID_JSON, NOT_CLOUDTRAIL, UNKNOWN_SHAPE, Body, BodyError, ObjectSplitter, S3Object, parse_body, raw_record_key
 from .metrics import (
     ACCESS_DENIED,
     AWS_ERROR,
@@ -54,6 +53,7 @@ _DENIED = frozenset({"AccessDenied", "AccessDeniedException", "403", "KMS.Access
 # Bytes produced but not yet acknowledged, per message, before waiting for the acks: bounds the memory an
 # oversized object can take in the producer's buffers.
 PENDING_BYTES = 4 * 1024 * 1024
+DELETE_CALLS = 4  # DeleteMessageBatch calls in flight per queue
 PRODUCER_BATCH_BYTES = 1024 * 1024  # aiokafka's 16 KB default costs a round trip per ten records
 
 
@@ -116,6 +116,7 @@ class InWork:
     received: float  # monotonic
     renewed: float  # monotonic, last visibility change
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    reading: bool = True  # still counted against `concurrency` (not yet only awaiting acks and deletion)
 
 
 class IngestService:
@@ -130,10 +131,14 @@ class IngestService:
         # Receivers wait on it for room; each queue's receiver asks for what is free when it polls, so with
         # several queues up to (queues - 1) x max_messages more than `concurrency` may be in work at once.
         self._room = asyncio.Condition()
+        self._reading = 0  # messages in work not yet only awaiting their acks and deletion
         self._receiving_ok: dict[str, bool] = {u: False for u in settings.queues}
         self._loop_alive = False
         self._sqs: Any = None
         self._s3: Any = None
+        self._partitions: KeyPartitions | None = None
+        self._deleters: dict[str, _Deleter] = {}
+        self.batches: _Batches | None = None
 
     # --- probes --------------------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -170,6 +175,7 @@ class IngestService:
         try:
             async with session.create_client("sqs", config=aws_config) as sqs, session.create_client("s3", config=aws_config) as s3:
                 self._sqs, self._s3 = sqs, s3
+                self._deleters = {url: _Deleter(sqs, url) for url in s.queues}
                 await self._check_queues()
                 if not await self._connect():
                     return 0
@@ -229,6 +235,7 @@ class IngestService:
                 delay = min(delay * 2, s.retry_max_seconds)
                 continue
             self.producer = producer
+            self.batches = _Batches(producer, s.topic)
             if s.topic not in topics:  # produce would fail every message, which would only cycle back to its queue
                 raise StartupError(
                     f"topic {s.topic!r} (the `topic` setting, DETECTOR_TOPIC) does not exist on {s.kafka_bootstrap}: "
@@ -262,10 +269,12 @@ class IngestService:
         s = self.settings
         name = queue_name(url)
         delay = 0.5
+        batch = min(s.max_messages, (s.concurrency + 1) // 2)
         while not self.stopping.is_set():
-            async with self._room:  # receive only while fewer than `concurrency` messages are in work
-                await self._room.wait_for(lambda: len(self.in_work) < s.concurrency)
-            free = min(s.max_messages, s.concurrency - len(self.in_work))
+            async with self._room:  # receive only while fewer than `concurrency` messages are being read ...
+                # ... and room for a batch: one receive per freed message would cost a call per message
+                await self._room.wait_for(lambda: self._room_for() >= batch or not self.in_work)
+            free = min(s.max_messages, self._room_for())
             try:
                 answer = await self._sqs.receive_message(
                     QueueUrl=url,
@@ -290,6 +299,7 @@ class IngestService:
                 sent = msg.get("Attributes", {}).get("SentTimestamp")
                 work = InWork(url, msg["ReceiptHandle"], msg.get("MessageId", "?"), int(sent) / 1000 if sent else time.time(), now, now)
                 self.in_work[work.receipt] = work
+                self._reading += 1
                 self.metrics.in_flight.inc()
                 work.task = asyncio.create_task(self._handle(work, msg.get("Body", "")))
 
@@ -324,8 +334,8 @@ class IngestService:
         name = queue_name(work.queue)
         with structlog.contextvars.bound_contextvars(queue=name, message_id=work.message_id):
             try:
-                result = await self._process(text)
-                await self._sqs.delete_message(QueueUrl=work.queue, ReceiptHandle=work.receipt)
+                result = await self._process(text, work)
+                await self._deleters[work.queue].delete(work.receipt)
                 self.metrics.messages.labels(name, result).inc()
                 log.debug("message_done", result=result)
             except asyncio.CancelledError:
@@ -339,6 +349,7 @@ class IngestService:
                 self._failed(name, aws_reason(exc), f"deleting the message: {describe_aws_error(exc)}")
             finally:
                 self.in_work.pop(work.receipt, None)
+                await self._read_all(work)
                 self.metrics.in_flight.dec()
                 async with self._room:
                     self._room.notify_all()
@@ -355,7 +366,21 @@ class IngestService:
         except (ClientError, BotoCoreError) as exc:
             log.warning("release_failed", error=describe_aws_error(exc))
 
-    async def _process(self, text: str) -> str:
+    def _room_for(self) -> int:
+        """Messages that may be received now: fewer than `concurrency` being read, and as many more at most
+        only awaiting their acks and deletion (their records are in the producer's buffers already)."""
+        s = self.settings
+        return min(s.concurrency - self._reading, 2 * s.concurrency - len(self.in_work))
+
+    async def _read_all(self, work: InWork) -> None:
+        """The message's records are all produced: it no longer counts against `concurrency`."""
+        if work.reading:
+            work.reading = False
+            self._reading -= 1
+            async with self._room:
+                self._room.notify_all()
+
+    async def _process(self, text: str, work: InWork) -> str:
         """Produce everything the message carries and wait for the acks; ``deleted`` or ``ignored``."""
         try:
             body: Body = parse_body(text)
@@ -367,14 +392,17 @@ class IngestService:
         acks = _Acks(self)
         if body.event is not None:
             await acks.send(body.event, body.key)
+            await self._read_all(work)
             await acks.wait()
             self.metrics.records.labels("eventbridge").inc()
             return "deleted"
-        for obj in body.objects:
-            await self._read_object(obj, acks)
+        for n, obj in enumerate(body.objects, 1):
+            await self._read_object(obj, acks, work if n == len(body.objects) else None)
         return "deleted"
 
-    async def _read_object(self, obj: S3Object, acks: _Acks) -> None:
+    async def _read_object(self, obj: S3Object, acks: _Acks, last_of: InWork | None = None) -> None:
+        """Stream, split and produce one object, then wait for its acks (``last_of``: the message whose last
+        object it is, released from `concurrency` before that wait)."""
         splitter = ObjectSplitter(max_record=self.settings.max_message_bytes)
         where = f"s3://{obj.bucket}/{obj.key}"
         produced = 0
@@ -383,12 +411,12 @@ class IngestService:
             async with answer["Body"] as stream:
                 while chunk := await stream.read(self.settings.object_chunk_bytes):
                     self.metrics.bytes.inc(len(chunk))
-                    for raw, record in splitter.feed(chunk):
-                        await acks.send(raw, record_key(record))
-                        produced += 1
-            for raw, record in splitter.close():
-                await acks.send(raw, record_key(record))
-                produced += 1
+                    for records in splitter.feed(chunk):
+                        produced += await acks.send_records(records)
+            for records in splitter.close():
+                produced += await acks.send_records(records)
+            if last_of is not None:
+                await self._read_all(last_of)
             await acks.wait()
         except MessageFailed:
             await acks.wait_quietly()
@@ -410,84 +438,236 @@ class IngestService:
         self.metrics.records.labels("s3").inc(produced)
         log.debug("object_done", object=where, records=produced, bytes=splitter.bytes_in)
 
+    async def partition_of(self) -> tuple[KeyPartitions, int]:
+        """The partition of a key in the topic (memoised, Kafka's default partitioner), and a partition
+        for one message's unkeyed records (sticky, chosen at random)."""
+        assert self.producer is not None
+        count = len(await self.producer.partitions_for(self.settings.topic))
+        if self._partitions is None or self._partitions.partitions != count:
+            self._partitions = KeyPartitions(count)
+        return self._partitions, random.randrange(count)
+
+
+class _Deleter:
+    """Deletes the messages of one queue in ``DeleteMessageBatch`` calls: the messages done while a call is
+    on its way go in the next one (up to 10 each, at most ``DELETE_CALLS`` calls at once), so a busy queue
+    costs a tenth of the calls. Each ``delete`` still answers for its own message: it raises the
+    ``ClientError`` of its entry (or of the call) as ``DeleteMessage`` would."""
+
+    def __init__(self, sqs: Any, url: str) -> None:
+        self.sqs = sqs
+        self.url = url
+        self.waiting: list[tuple[str, asyncio.Future[None]]] = []
+        self.calls = 0
+        self.batched = True  # until DeleteMessageBatch is refused as a permission of its own
+        self.tasks: set[asyncio.Task[None]] = set()  # the calls under way (the loop keeps weak references only)
+
+    async def delete(self, receipt: str) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append((receipt, done))
+        if self.calls < DELETE_CALLS:
+            self.calls += 1
+            task = asyncio.create_task(self._flush())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        await done
+
+    async def _flush(self) -> None:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting[:10], self.waiting[10:]
+                if not self.batched:
+                    await asyncio.gather(*(self._single(receipt, done) for receipt, done in batch))
+                    continue
+                entries = [{"Id": str(n), "ReceiptHandle": receipt} for n, (receipt, _) in enumerate(batch)]
+                try:
+                    answer = await self.sqs.delete_message_batch(QueueUrl=self.url, Entries=entries)
+                except (ClientError, BotoCoreError) as exc:
+                    if aws_reason(exc) == ACCESS_DENIED:
+                        # AWS authorises DeleteMessageBatch by sqs:DeleteMessage; an SQS-compatible service
+                        # (or moto's IAM) that asks for its own action gets one DeleteMessage per message
+                        log.info("delete_batch_denied", queue=queue_name(self.url), detail="deleting one message per call")
+                        self.batched = False
+                        await asyncio.gather(*(self._single(receipt, done) for receipt, done in batch))
+                        continue
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                failed = {f["Id"]: f for f in answer.get("Failed", [])}
+                for n, (_, done) in enumerate(batch):
+                    if done.done():  # its handler was cancelled (shutdown)
+                        continue
+                    entry = failed.get(str(n))
+                    if entry is None:
+                        done.set_result(None)
+                    else:
+                        error = {"Code": entry.get("Code", "?"), "Message": entry.get("Message", "")}
+                        done.set_exception(ClientError({"Error": error}, "DeleteMessageBatch"))
+        finally:
+            self.calls -= 1
+
+    async def _single(self, receipt: str, done: asyncio.Future[None]) -> None:
+        try:
+            await self.sqs.delete_message(QueueUrl=self.url, ReceiptHandle=receipt)
+        except (ClientError, BotoCoreError) as exc:
+            if not done.done():
+                done.set_exception(exc)
+            return
+        if not done.done():
+            done.set_result(None)
+
+
+class _Batches:
+    """The open producer batches of the service, one per partition, shared by every message in work.
+
+    aiokafka queues one batch per partition until the broker takes it (``send_batch`` waits for that), and
+    each produce request carries one batch per partition: batches of one message each (a small log file
+    gives a few hundred records over the partitions) would cost a request per small batch. Shared, they
+    fill up to PRODUCER_BATCH_BYTES whatever the size of the files. Each open batch has a future that
+    tells every message with records in it when it is acknowledged (or why not). Batches of a partition
+    are sent one at a time in the order they were closed, so records keep their order in a partition.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.open: dict[int, tuple[Any, asyncio.Future[Any]]] = {}  # partition -> (BatchBuilder, its delivery)
+        self.sending: dict[int, asyncio.Lock] = {}
+
+    def append(self, partition: int, key: bytes | None, value: bytes) -> asyncio.Future[Any] | None:
+        """Add a record to the open batch of ``partition``: that batch's future, or None when it is full."""
+        entry = self.open.get(partition)
+        if entry is None:
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.add_done_callback(_retrieved)
+            entry = self.open[partition] = (self.producer.create_batch(), done)
+        if entry[0].append(key=key, value=value, timestamp=None) is None:
+            return None
+        return entry[1]
+
+    async def send(self, partition: int) -> None:
+        """Send the open batch of ``partition``, if any; raises the KafkaError of queueing it."""
+        entry = self.open.pop(partition, None)
+        if entry is None:
+            return
+        batch, done = entry
+        async with self.sending.setdefault(partition, asyncio.Lock()):
+            try:
+                delivery = await self.producer.send_batch(batch, self.topic, partition=partition)
+            except BaseException as exc:
+                if not done.done():
+                    done.set_exception(exc if isinstance(exc, Exception) else KafkaError("not sent"))
+                raise
+        delivery.add_done_callback(lambda sent: _settle_future(done, sent))
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a failure every message already gave up on is not an "exception never retrieved"
+
+
+def _settle_future(done: asyncio.Future[Any], sent: asyncio.Future[Any]) -> None:
+    if done.done():
+        return
+    if sent.cancelled():
+        done.set_exception(KafkaError("delivery cancelled"))
+    elif sent.exception() is not None:
+        done.set_exception(sent.exception())  # type: ignore[arg-type]
+    else:
+        done.set_result(sent.result())
+
 
 class _Acks:
     """What one message produced and the acknowledgements still awaited.
 
-    Records are appended to one open producer batch per partition (aiokafka's batch API: a fraction of the
-    per-record cost of ``send``), partitioned like Kafka's default partitioner: murmur2 of the key, and one
-    partition per message for unkeyed records (sticky). A full batch is sent at once; ``wait`` sends the
-    open ones and raises MessageFailed unless every batch is acknowledged. Past PENDING_BYTES the records
-    are awaited before more are added, so an oversized object never piles up unacknowledged.
+    Records go into the service's shared open batches (:class:`_Batches`), partitioned like Kafka's default
+    partitioner (:class:`KeyPartitions`), and to one partition per message for unkeyed records (sticky).
+    ``wait`` sends the open batches holding this message's records and raises MessageFailed unless every
+    one is acknowledged. Past PENDING_BYTES unacknowledged the oldest batches are awaited until half of
+    that is left, so an oversized object never piles up unacknowledged while the reading goes on beside
+    the newest batches in flight.
     """
 
     def __init__(self, service: IngestService) -> None:
         self.service = service
-        self.producer = service.producer
-        self.topic = service.settings.topic
-        self.open: dict[int, Any] = {}  # partition -> BatchBuilder
-        self.pending: list[Awaitable[Any]] = []
-        self.pending_bytes = 0
-        self.partitions: list[int] = []
-        self.unkeyed = -1
+        self.batches = service.batches
+        self.mine: dict[asyncio.Future[Any], int] = {}  # batches holding this message's records -> its bytes, oldest first
+        self.pending_bytes = 0  # appended and not yet acknowledged
+        self.partition_of: KeyPartitions | None = None
+        self.unkeyed = 0
 
     async def send(self, value: bytes, key: str | None) -> None:
-        producer = self.producer
-        assert producer is not None
+        await self._append([(value, key)])
+
+    async def send_records(self, records: list[bytes]) -> int:
+        """Append the records of a log file, keyed by :func:`raw_record_key`; how many."""
+        await self._append([(raw, raw_record_key(raw)) for raw in records])
+        return len(records)
+
+    async def _append(self, items: list[tuple[bytes, str | None]]) -> None:
+        assert self.batches is not None
         try:
-            if not self.partitions:
-                self.partitions = sorted(await producer.partitions_for(self.topic))
-                self.unkeyed = random.choice(self.partitions)
-            key_bytes = key.encode() if key is not None else None
-            partition = self.unkeyed if key_bytes is None else self.partitions[_hash(key_bytes) % len(self.partitions)]
-            batch = self.open.get(partition)
-            if batch is None:
-                batch = self.open[partition] = producer.create_batch()
-            if batch.append(key=key_bytes, value=value, timestamp=None) is None:  # full: send it, start another
-                await self._send(partition)
-                batch = self.open[partition] = producer.create_batch()
-                if batch.append(key=key_bytes, value=value, timestamp=None) is None:
-                    raise MessageFailed(KAFKA_ERROR, f"a record of {len(value)} bytes does not fit in a producer batch")
+            if self.partition_of is None:
+                self.partition_of, self.unkeyed = await self.service.partition_of()
+            partition_of, batches, mine = self.partition_of, self.batches, self.mine
+            for value, key in items:
+                key_bytes = key.encode() if key is not None else None
+                partition = self.unkeyed if key_bytes is None else partition_of(key_bytes)
+                done = batches.append(partition, key_bytes, value)
+                if done is None:  # full: send it, start another
+                    await batches.send(partition)
+                    done = batches.append(partition, key_bytes, value)
+                    if done is None:
+                        raise MessageFailed(KAFKA_ERROR, f"a record of {len(value)} bytes does not fit in a producer batch")
+                mine[done] = mine.get(done, 0) + len(value)
+                self.pending_bytes += len(value)
         except KafkaError as exc:
             raise MessageFailed(KAFKA_ERROR, f"producing: {type(exc).__name__}: {exc}") from None
-        self.pending_bytes += len(value)
         if self.pending_bytes >= PENDING_BYTES:
-            await self.wait()
+            await self._settle(PENDING_BYTES // 2)
 
-    async def _send(self, partition: int) -> None:
-        assert self.producer is not None
-        batch = self.open.pop(partition)
-        self.pending.append(await self.producer.send_batch(batch, self.topic, partition=partition))
+    async def _send_mine(self) -> None:
+        assert self.batches is not None
+        for partition, (_, done) in list(self.batches.open.items()):
+            if done in self.mine:
+                await self.batches.send(partition)
 
-    async def wait(self) -> None:
+    async def _settle(self, left: int) -> None:
+        """Send the open batches holding records of this message, then await the oldest until at most
+        ``left`` bytes are unacknowledged."""
         try:
-            for partition in list(self.open):
-                await self._send(partition)
+            await self._send_mine()
         except KafkaError as exc:
             await self.wait_quietly()
             raise MessageFailed(KAFKA_ERROR, f"producing: {type(exc).__name__}: {exc}") from None
-        pending, self.pending, self.pending_bytes = self.pending, [], 0
-        results = await asyncio.gather(*pending, return_exceptions=True)
+        awaited = []
+        for done, size in list(self.mine.items()):
+            if left and self.pending_bytes <= left:  # (wait, left 0, awaits every batch)
+                break
+            del self.mine[done]
+            self.pending_bytes -= size
+            awaited.append(done)
+        results = await asyncio.gather(*awaited, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
+            await self.wait_quietly()
             raise MessageFailed(KAFKA_ERROR, f"{len(errors)} batch(es) not acknowledged: {type(errors[0]).__name__}: {errors[0]}")
 
+    async def wait(self) -> None:
+        await self._settle(0)
+
     async def wait_quietly(self) -> None:
-        self.open.clear()
-        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        """A failed message: its records already in batches go with them (a redelivery produces them again,
+        and the detector counts a repeated eventID once); wait for them without judging."""
+        try:
+            await self._send_mine()
+        except KafkaError:
+            pass
+        pending = list(self.mine)
+        self.mine.clear()
+        self.pending_bytes = 0
         await asyncio.gather(*pending, return_exceptions=True)
-
-
-_HASHES: dict[bytes, int] = {}  # murmur2 of instance IDs seen (pure Python murmur2 costs microseconds)
-
-
-def _hash(key: bytes) -> int:
-    value = _HASHES.get(key)
-    if value is None:
-        if len(_HASHES) >= 1 << 17:
-            _HASHES.clear()
-        value = _HASHES[key] = murmur2(key) & 0x7FFFFFFF
-    return value
 
 
 def install_signal_handlers(service: IngestService, loop: asyncio.AbstractEventLoop) -> None:

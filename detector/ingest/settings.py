@@ -29,9 +29,11 @@ class IngestSettings(KafkaClientSettings):
     )
     concurrency: int = Field(
         16, ge=1, le=256,
-        description="Messages in work at once, over all queues; each holds up to `object_chunk_bytes` twice and 4 MB "
-        "of records awaiting acknowledgement (each queue's receive asks for what is free when it "
-        "polls, so with several queues up to 10 more per extra queue may briefly be in work).",
+        description="Messages read at once (their S3 objects streamed), over all queues; as many more may be in work "
+        "only awaiting the acknowledgement of their records and their deletion. Each holds up to "
+        "`object_chunk_bytes` twice and 4 MB of records awaiting acknowledgement. A receive waits for room "
+        "for min(10, concurrency/2) messages (each queue's receive asks for what is free when it polls, so "
+        "with several queues up to 10 more per extra queue may briefly be in work).",
     )
     object_chunk_bytes: int = Field(
         1024 * 1024, ge=4096, description="Bytes read from an S3 object at a time (an object is streamed, never held whole)."
