@@ -44,7 +44,7 @@ from .detect import DetectStage, _parse_routed
 from .http import HttpServer
 from .kafka_config import access_problem, producer_kwargs, transactions_enabled
 from .metrics import Metrics
-from .output import Output, eventbridge_envelope, finding_body, produce_all, send_outputs, undeliverable
+from .output import Output, Queued, eventbridge_envelope, finding_body, produce_all, send_outputs, undeliverable
 from .partitioning import KeyPartitions
 from .publisher import FindingPublisher
 from .reload import Reloads
@@ -102,6 +102,8 @@ class DetectorService(Reloads):
         self.http: HttpServer | None = None
         self.route = RouteStage(self)
         self.detect = DetectStage(self)
+        # ``stage``: the stages this process runs (both, or one per process: see docs/scaling.md)
+        self.stages: list[Stage] = [st for st in (self.detect, self.route) if settings.stage in ("all", st.name)]
         self.stopping = asyncio.Event()
         self._connected = False
         self._broker_reachable = True  # as the last probe found it (see _probe_broker)
@@ -129,9 +131,8 @@ class DetectorService(Reloads):
             self._connected
             and self._broker_reachable
             and not self.stopping.is_set()
-            and self.route.joined
-            and self.detect.joined
-            and bool(self.route.assigned or self.detect.assigned)
+            and all(st.joined for st in self.stages)
+            and any(st.assigned for st in self.stages)
             and not self.detect.restoring
         )
 
@@ -181,7 +182,7 @@ class DetectorService(Reloads):
         code = 0
         try:
             if await self._connect():
-                results = await asyncio.gather(self.route.loop(), self.detect.loop(), return_exceptions=True)
+                results = await asyncio.gather(*(st.loop() for st in self.stages), return_exceptions=True)
                 errors = [r for r in results if isinstance(r, BaseException)]
                 if errors:
                     self._failed = True
@@ -212,10 +213,10 @@ class DetectorService(Reloads):
                 if problem is not None:
                     raise StartupError(problem)
                 await self._ensure_topics()
-                self.producer = AIOKafkaProducer(**producer_kwargs(s))
+                self.producer = AIOKafkaProducer(**self._producer_kwargs())
                 await self.producer.start()
-                await self.route.start()
-                await self.detect.start()
+                for stage in reversed(self.stages):  # route first, as before
+                    await stage.start()
                 self._connected = True
                 log.info("connected", attempt=attempt)
                 return True
@@ -244,6 +245,15 @@ class DetectorService(Reloads):
         if sources:
             self.detect.sources = sources
 
+    def _producer_kwargs(self) -> dict[str, Any]:
+        """The producer's settings; a process running one stage gets a transactional ID of its own (the
+        stage's name appended), so that the route and detect processes of one instance do not fence each
+        other."""
+        kwargs = producer_kwargs(self.settings)
+        if self.settings.stage != "all" and kwargs.get("transactional_id"):
+            kwargs["transactional_id"] = f"{kwargs['transactional_id']}.{self.settings.stage}"
+        return kwargs
+
     async def _close_clients(self) -> None:
         await self.route.stop()
         await self.detect.stop()
@@ -264,9 +274,9 @@ class DetectorService(Reloads):
             for task in list(self.detect.restoring.values()):
                 task.cancel()
             # detect first: its held-back finding updates are the output that matters most
-            for stage in (self.detect, self.route):
+            for stage in self.stages:
                 try:
-                    await asyncio.wait_for(stage.settle(flush_all=True), timeout=max(0.1, deadline - time.monotonic()))
+                    await asyncio.wait_for(stage.checkpoint(flush_all=True), timeout=max(0.1, deadline - time.monotonic()))
                 except (asyncio.TimeoutError, KafkaError) as exc:
                     log.error("shutdown_flush_failed", stage=stage.name, error=f"{type(exc).__name__}: {exc}")
         self._connected = False
@@ -277,9 +287,9 @@ class DetectorService(Reloads):
             await self.http.stop()
         log.info("stopped", committed=committed)
 
-    async def produce_all(self, outputs: list[Output]) -> None:
+    async def produce_all(self, outputs: list[Output], queued: list[Queued] | None = None) -> None:
         """Produce every output and wait for the acks (:func:`.output.produce_all`)."""
-        await produce_all(self, outputs)
+        await produce_all(self, outputs, queued)
 
     def _undeliverable(self, item: Output, exc: BaseException) -> Output:
         return undeliverable(self, item, exc)

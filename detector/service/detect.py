@@ -61,7 +61,9 @@ class DetectStage(StateStore, Stage):
         self.sources: list[tuple[bytes, bytes]] = []  # the input partitions (found at start-up), waited for
         if service.settings.reorder_window_ms > 0:
             self.fetch_timeout_ms = max(10, min(500, service.settings.reorder_window_ms // 2))
-        self.batch_starts: dict[TopicPartition, list[int]] = {}  # first offset of each batch not yet committed past
+        # first offset applied after each checkpoint not yet committed past, and since the last checkpoint
+        self.batch_starts: dict[TopicPartition, list[int]] = {}
+        self.interval_starts: dict[TopicPartition, int] = {}
         self.records_applied = 0
         self.partitions_total = service.settings.state_partitions
 
@@ -78,20 +80,21 @@ class DetectStage(StateStore, Stage):
 
     def commit_bound(self, tp: TopicPartition, processed: int) -> int:
         """``processed``, or — when a held-back finding change pins an earlier offset — the start of the
-        batch holding that offset.
+        checkpoint interval holding that offset.
 
-        A changelog record carries the last offset of its batch and is skipped on restore when that is
-        at or past the committed offset. Committing mid-batch would skip changes made by the batch's
-        earlier offsets, which are never consumed again; committing at batch starts keeps restore exact.
+        A changelog record carries the last offset its checkpoint covers and is skipped on restore when that
+        is at or past the committed offset. Committing mid-interval would skip changes made by the interval's
+        earlier offsets, which are never consumed again; committing at interval starts (the first offset
+        applied after a checkpoint) keeps restore exact.
         """
         pinned = self.service.publisher.commit_bound(tp, processed)
         if pinned >= processed:
-            self.batch_starts.pop(tp, None)  # later pins can only fall in later batches
+            self.batch_starts.pop(tp, None)  # later pins can only fall in later intervals
             return processed
         starts = self.batch_starts.get(tp, ())
         below = [start for start in starts if start <= pinned]
         bound = max(below) if below else self.committed.get(tp, 0)
-        if starts:  # batch starts below the bound are no longer needed
+        if starts:  # interval starts below the bound are no longer needed
             self.batch_starts[tp] = [start for start in starts if start >= bound]
         return bound
 
@@ -145,7 +148,6 @@ class DetectStage(StateStore, Stage):
         m = service.metrics
         apply = service.engine.apply
         observe = service.publisher.observe
-        changelog_topic = service.settings.changelog_topic_name
         now = time.time()
         counters = service.engine.counters
         instance_before = counters.instance_records
@@ -171,15 +173,11 @@ class DetectStage(StateStore, Stage):
                         group = change.group
                         m.findings.labels(type_label(group.type), str(group.severity)).inc()
                     observe(change, tp, msg.offset, now)
-            last = entries[-1][2].offset
-            offset_header = [(changelog.OFFSET_HEADER, str(last).encode())]
-            for key, value in changelog.drain(state):
-                self.outbox.append((changelog_topic, value, key, offset_header, tp.partition))
-                m.changelog_records.inc()
             m.evictions.labels("ttl").inc(state.expired - expired)
             m.evictions.labels("lru").inc(state.evicted - evicted)
-            self.processed[tp] = last + 1
-            self.batch_starts.setdefault(tp, []).append(entries[0][2].offset)
+            self.processed[tp] = entries[-1][2].offset + 1
+            if tp not in self.interval_starts:
+                self.interval_starts[tp] = entries[0][2].offset
             self.records_applied += len(entries)
             m.detected.inc(len(entries))
         m.instance_events.inc(counters.instance_records - instance_before)
@@ -197,8 +195,29 @@ class DetectStage(StateStore, Stage):
             runs.setdefault(source, []).append((event_time, (msg, record)))
         return merge_runs(runs.values())
 
+    def write_changelog(self) -> None:
+        """Queue one changelog record per key (session, finding group, lifecycle entry) changed since the last
+        checkpoint, tagged with the last offset of its partition the checkpoint covers."""
+        service = self.service
+        changelog_topic = service.settings.changelog_topic_name
+        sessions_topic = service.settings.sessions_topic_name
+        written = 0
+        for partition, state in self.states.items():
+            tp = TopicPartition(sessions_topic, partition)
+            start = self.interval_starts.pop(tp, None)
+            if start is None:
+                continue  # nothing applied since the last checkpoint, so nothing changed
+            self.batch_starts.setdefault(tp, []).append(start)
+            offset_header = [(changelog.OFFSET_HEADER, str(self.processed[tp] - 1).encode())]
+            for key, value in changelog.drain(state):
+                self.outbox.append((changelog_topic, value, key, offset_header, partition))
+                written += 1
+        service.metrics.changelog_records.inc(written)
+
     def prepare(self, flush_all: bool = False) -> Callable[[], None] | None:
-        """Queue the finding states that are due (all of them when ``flush_all``) behind the changelog."""
+        """Queue the finding states that are due (all of them when ``flush_all``); return what to do once
+        they are acknowledged. They count as published at once, so that the update interval holds back the
+        next change of a group while this one is on its way."""
         service = self.service
         s = service.settings
         groups = service.publisher.take_due(time.time(), flush_all=flush_all)
@@ -211,10 +230,10 @@ class DetectStage(StateStore, Stage):
             new = group.id in service.publisher.fresh
             body = finding_body(finding, new, s.finding_format, s.eventbridge_envelope)
             self.outbox.append((s.findings_topic, orjson.dumps(body), group.id.encode(), [], None))
+        service.publisher.published(groups, time.time())
 
         def delivered() -> None:
             sent_at = time.time()
-            service.publisher.published(groups, sent_at)
             service.metrics.finding_updates.inc(len(groups))
             for group, finding in rendered:
                 service.metrics.event_lag.observe(max(0.0, sent_at - group.last_ts))

@@ -21,6 +21,7 @@ log = structlog.get_logger("detector.service")
 
 
 Output = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]  # topic, value, key, headers, partition
+Queued = tuple[list[Output], Any]  # outputs queued together and their delivery future (or the error queueing them)
 
 
 def eventbridge_envelope(finding: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +50,7 @@ def finding_body(finding: dict[str, Any], new: bool, finding_format: str, envelo
 
 async def send_outputs(
     producer: AIOKafkaProducer, outputs: list[Output], batched: bool, max_bytes: int
-) -> list[tuple[list[Output], Any]]:
+) -> list[Queued]:
     """Queue ``outputs`` on ``producer``; return each group of outputs with its delivery future, or with the
     :class:`KafkaError` raised queueing it.
 
@@ -59,7 +60,7 @@ async def send_outputs(
     (which the producer refuses as before, so it becomes a dead letter), and all of them when not
     ``batched``, go one by one (``send``).
     """
-    sent: list[tuple[list[Output], Any]] = []
+    sent: list[Queued] = []
     groups: dict[tuple[str, int], list[Output]] = {}
     for item in outputs:
         topic, value, key, headers, partition = item
@@ -91,23 +92,29 @@ async def _send_batch(producer: AIOKafkaProducer, batch: Any, topic: str, partit
 
 
 
-async def produce_all(service: DetectorService, outputs: list[Output]) -> None:
+async def produce_all(service: DetectorService, outputs: list[Output], queued: list[Queued] | None = None) -> None:
     """Produce every output and wait for the acks, retrying failures with backoff.
+
+    ``queued``: outputs already on the producer (:func:`send_outputs`' result): their acknowledgements are
+    awaited, and their failures retried, with those of ``outputs``.
 
     Gives up only when stopping and the grace period is over (the caller's commit then fails to
     happen, so the inputs are consumed again after a restart).
     """
-    if not outputs:
+    if not outputs and not queued:
         return
     assert service.producer is not None
     todo = outputs
+    first = queued or []
     delay = 0.2
     deadline: float | None = None
     batched = True  # the first round in batches; a retry one by one, so each failure is told apart
-    while todo:
+    while todo or first:
         failed = []
         alone: set[int] = set()  # failures of a record sent on its own (a batch's are retried one by one)
-        for items, sent in await send_outputs(service.producer, todo, batched, service.settings.max_message_bytes):
+        sent_now = await send_outputs(service.producer, todo, batched, service.settings.max_message_bytes) if todo else []
+        round_, first = first + sent_now, []
+        for items, sent in round_:
             error = sent if isinstance(sent, KafkaError) else None
             if error is None:
                 try:

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 
 from .kafka_config import consumer_kwargs
 from .logging import record_context
-from .output import Output, send_outputs
+from .checkpoint import Checkpointing
+from .output import Output
 
 if TYPE_CHECKING:
     from .app import DetectorService
@@ -67,8 +68,9 @@ class _Listener(ConsumerRebalanceListener):
             log.exception("rebalance_assign_failed", stage=self.stage.name)
 
 
-class Stage(ABC):
-    """One consumer-group member: fetch a batch, apply it, produce its outputs, then commit."""
+class Stage(Checkpointing, ABC):
+    """One consumer-group member: fetch, apply and queue the outputs continuously; checkpoint (deliver, then
+    commit) every ``checkpoint_interval_ms`` and on revoke (see :mod:`.checkpoint`)."""
 
     name = "stage"
 
@@ -76,12 +78,13 @@ class Stage(ABC):
         self.service = service
         self.group_id = group_id
         self.consumer: AIOKafkaConsumer | None = None
-        self.lock = asyncio.Lock()  # one batch (process, produce, ack) at a time; rebalances wait
+        self.lock = asyncio.Lock()  # one step or checkpoint at a time; rebalances wait
         self.processed: dict[TopicPartition, int] = {}  # next offset to commit
         self.committed: dict[TopicPartition, int] = {}
         self.assigned: set[TopicPartition] = set()
         self.joined = False  # this stage's consumer has had its first assignment (maybe empty)
-        self.outbox: list[Output] = []
+        self.outbox: list[Output] = []  # outputs not yet queued on the producer
+        self._init_checkpoints()
 
     @abstractmethod
     def subscribe(self, consumer: AIOKafkaConsumer, listener: ConsumerRebalanceListener) -> None:
@@ -104,70 +107,8 @@ class Stage(ABC):
         """Move outputs that are due into the outbox; return what to do once they are delivered."""
         return None
 
-    async def flush(self, flush_all: bool = False) -> None:
-        """Deliver the outbox (and whatever :meth:`prepare` adds), every output acknowledged."""
-        delivered = self.prepare(flush_all)
-        outbox, self.outbox = self.outbox, []
-        await self.service.produce_all(outbox)
-        if delivered is not None:
-            delivered()
-
-    async def settle(
-        self,
-        batch: dict[TopicPartition, list[Any]] | None = None,
-        flush_all: bool = False,
-        partitions: set[TopicPartition] | None = None,
-    ) -> None:
-        """Apply ``batch``, deliver its outputs, then commit: the at-least-once unit of work.
-
-        With a transactional producer, outputs and offsets go in one Kafka transaction instead.
-        The commit of the plain path runs outside the lock, so a rebalance never waits on it.
-        """
-        async with self.lock:
-            if batch or self.holding():
-                self.process(batch or {})
-            if self.service.transactional:
-                await self.transact(flush_all, partitions)
-                return
-            await self.flush(flush_all)
-        await self.commit(partitions)
-
-    async def transact(self, flush_all: bool, partitions: set[TopicPartition] | None) -> None:
-        """Outputs and input offsets in one transaction (exactly once), retried until it commits."""
-        service = self.service
-        delivered = self.prepare(flush_all)
-        outbox, self.outbox = self.outbox, []
-        offsets = self.offsets_to_commit(partitions)
-        if not outbox and not offsets:
-            return
-        delay = 0.2
-        deadline: float | None = None
-        while True:
-            producer = service.producer
-            assert producer is not None
-            try:
-                async with service.transaction_lock, producer.transaction():
-                    for _, sent in await send_outputs(producer, outbox, True, service.settings.max_message_bytes):
-                        if isinstance(sent, BaseException):
-                            raise sent
-                        await sent
-                    if offsets:
-                        await producer.send_offsets_to_transaction(offsets, self.group_id)
-                break
-            except KafkaError as exc:
-                service.metrics.commit_failures.inc()
-                log.warning("transaction_failed", stage=self.name, error=f"{type(exc).__name__}: {exc}")
-                if service.stopping.is_set():
-                    deadline = deadline or time.monotonic() + service.settings.grace_seconds
-                    if time.monotonic() > deadline:
-                        raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        if delivered is not None:
-            delivered()
-        if offsets:
-            service.metrics.commits.inc()
-            self.committed.update(offsets)
+    def write_changelog(self) -> None:
+        """At a checkpoint: queue the state changes made since the last one (the detect stage's changelog)."""
 
     # machinery
     async def start(self) -> None:
@@ -194,44 +135,23 @@ class Stage(ABC):
             service.heartbeat()
             assert self.consumer is not None
             try:
+                # not bounded by the next checkpoint: fetching at a faster pace when idle changes how the
+                # detect stage's reorder hold interleaves sources (see Checkpointing.checkpoint_due)
                 batch = await self.consumer.getmany(timeout_ms=self.fetch_timeout_ms, max_records=settings.max_poll_records)
             except (IllegalStateError, KafkaError) as exc:
                 log.warning("fetch_failed", stage=self.name, error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.5)
                 continue
             started = time.perf_counter()
-            await self.settle(batch)
+            await self.step(batch)
             if batch:
                 metrics.processing.observe(time.perf_counter() - started)
-
-    def offsets_to_commit(self, partitions: set[TopicPartition] | None = None) -> dict[TopicPartition, int]:
-        allowed = self.assigned if partitions is None else partitions
-        offsets = {}
-        for tp, processed in self.processed.items():
-            if tp in allowed:
-                bound = self.commit_bound(tp, processed)
-                if bound > self.committed.get(tp, -1):
-                    offsets[tp] = bound
-        return offsets
-
-    async def commit(self, partitions: set[TopicPartition] | None = None) -> None:
-        if self.consumer is None:
-            return
-        offsets = self.offsets_to_commit(partitions)
-        if not offsets:
-            return
-        try:
-            await self.consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
-            self.service.metrics.commit_failures.inc()
-            log.warning("commit_failed", stage=self.name, error=f"{type(exc).__name__}: {exc}")
-            return
-        self.service.metrics.commits.inc()
-        self.committed.update(offsets)
+            if self.checkpoint_due():
+                await self.checkpoint()
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         self.service.metrics.rebalances.labels("revoked").inc()
-        await self.settle(flush_all=True, partitions=revoked & self.assigned)
+        await self.checkpoint(flush_all=True, partitions=revoked & self.assigned)
         self.assigned -= revoked
         self.dropped(revoked)
         for tp in revoked:

@@ -42,6 +42,7 @@ class StateStore:
         gids = []
         for tp in revoked:
             self.batch_starts.pop(tp, None)
+            self.interval_starts.pop(tp, None)
             self.held.pop(tp, None)  # never applied nor committed: the next owner consumes them
             self.watermarks.pop(tp, None)
             task = self.restoring.pop(tp.partition, None)
