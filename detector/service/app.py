@@ -1,6 +1,7 @@
 """``detector run``: the Kafka adapter around the core (SPEC §9, issues 3, 4 and 11) — the composition root.
 
-A Kafka stream processor in two stages, both on one asyncio loop with the HTTP endpoints:
+A Kafka stream processor in two stages, both on one asyncio loop with the HTTP endpoints (or one of them,
+with the ``stage`` setting, so that two processes use two cores):
 
 1. **route** (consumer group ``group_id``, the input topics): decode each message; instance-session,
    credential-issuance and lifecycle records (SPEC §10) are re-keyed by **instance ID** onto the internal
@@ -8,17 +9,19 @@ A Kafka stream processor in two stages, both on one asyncio loop with the HTTP e
    instances), each tagged with its instance in the ``detector.instance`` header when there are several;
    malformed input goes to the dead-letter topic; every other record is dropped early.
 2. **detect** (consumer group ``<group_id>.detect``, the ``sessions_topic``): one ``DetectorState`` per
-   partition, so a session always lives in one partition of one process. Every state change goes to the
-   compacted ``changelog_topic`` (same partition, tagged with the source offset), findings to the
-   findings topic. On assignment a partition is paused, its state restored from the changelog (skipping
+   partition, so a session always lives in one partition of one process. Every changed key goes to the
+   compacted ``changelog_topic`` once per checkpoint (same partition, tagged with the source offset),
+   findings to the findings topic at once. On assignment a partition is paused, its state restored from the changelog (skipping
    changes made by input that was never committed), then resumed.
 
-At least once, in both stages: a batch is applied synchronously (the core never awaits), its outputs are
-produced and awaited, and only then are its input offsets committed (``offset + 1``) — bounded, in the
-detect stage, by the offsets of finding changes still held back by the update interval.
+At least once, in both stages: a batch is applied synchronously (the core never awaits) and its outputs are
+queued on the producer; every ``checkpoint_interval_ms``, on revoke and at shutdown a checkpoint awaits
+their acknowledgement and only then commits the input offsets (``offset + 1``) — bounded, in the detect
+stage, by the offsets of finding changes still held back by the update interval (:mod:`.checkpoint`).
 
 The modules, along the pipeline: :mod:`.stage` (a consumer-group member and its rebalance listener),
-:mod:`.route` and :mod:`.detect` (the two stages), :mod:`.state_store` (the detect stage's per-partition
+:mod:`.route` and :mod:`.detect` (the two stages), :mod:`.checkpoint` (delivery, changelog, commit),
+:mod:`.state_store` (the detect stage's per-partition
 state and its restore), :mod:`.output` (producing), :mod:`.topics` (topic administration) and
 :mod:`.reload` (registry and ip-ranges reloads). This module wires them into :class:`DetectorService`.
 """

@@ -435,7 +435,7 @@ class Settings(KafkaClientSettings):
     )
     transactional_id: str | None = Field(
         None,
-        description="Transactional producer id: outputs and input offsets of each batch are committed in one Kafka "
+        description="Transactional producer id: outputs and input offsets of each checkpoint are committed in one Kafka "
         "transaction (exactly once). Must be unique per instance and stable across its restarts (e.g. the pod "
         "name). Needs `enable_idempotence` and broker support; unset: at least once, no transactions.",
     )
