@@ -419,6 +419,22 @@ class Settings(KafkaClientSettings):
     )
     max_poll_records: int = Field(2000, ge=1, description="Most records fetched per poll.")
     fetch_max_wait_ms: int = Field(100, ge=0, description="Longest a fetch waits on the broker for data, milliseconds.")
+    stage: Literal["all", "route", "detect"] = Field(
+        "all",
+        description="The stages this process runs: `all` (both, on one event loop), `route` (input topics to the "
+        "sessions topic) or `detect` (sessions topic to state, changelog and findings). Run one `route` and one "
+        "`detect` process with the same settings to use two cores (see docs/scaling.md); each creates or checks "
+        "the topics at start-up as `all` does.",
+    )
+    checkpoint_interval_ms: int = Field(
+        200, ge=10, le=60_000,
+        description="How often each stage checkpoints, milliseconds: awaits the acknowledgement of every output "
+        "queued since the last checkpoint, writes the changelog record of each session changed since then (once), "
+        "then commits the input offsets it covers (also on rebalance and shutdown). New findings go out at once, "
+        "not at the checkpoint, except with `transactional_id`, where a checkpoint is one transaction and findings "
+        "become visible when it commits. Longer: fewer changelog records and commits, more input consumed again "
+        "after a crash.",
+    )
     startup_retry_max_seconds: float = Field(
         30.0, gt=0, allow_inf_nan=False,
         description="Cap of the exponential backoff between broker connection attempts at start-up.",
@@ -433,7 +449,7 @@ class Settings(KafkaClientSettings):
     )
     transactional_id: str | None = Field(
         None,
-        description="Transactional producer id: outputs and input offsets of each batch are committed in one Kafka "
+        description="Transactional producer id: outputs and input offsets of each checkpoint are committed in one Kafka "
         "transaction (exactly once). Must be unique per instance and stable across its restarts (e.g. the pod "
         "name). Needs `enable_idempotence` and broker support; unset: at least once, no transactions.",
     )
