@@ -13,7 +13,6 @@ from datetime import datetime
 from typing import Any
 
 from .. import __version__
-from .addresses import V4, parse_address
 
 OCSF_VERSION = "1.3.0"
 PRODUCT_NAME = "ec2-credential-detector"

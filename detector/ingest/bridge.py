@@ -16,7 +16,6 @@ import asyncio
 import random
 import signal
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
