@@ -36,6 +36,7 @@ from .state import (
     _SHORT_BIT,
     _X_EMPTY,
     F_EXTRA,
+    F_GROUPS,
     X_ADDRESSES,
     X_DELIVERIES,
     X_GROUPS,
@@ -64,6 +65,7 @@ _JSON_FIRST = (0x7B, 0x5B)  # "{", "[": a value written by a version before the 
 _HEAD = struct.Struct("<BBdddI20s")
 _HEAD_LEN = _HEAD.size
 _DATA_TAG = bytes([DATA])
+_X_SIDE_EMPTY = list(_X_EMPTY)
 _X_TUPLES = (X_KEYS, X_DELIVERIES, X_ADDRESSES, X_GROUPS, X_PARTS, X_KEY_TIMES)  # the rest: dict, str or None
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -102,11 +104,13 @@ def session_value(ix: SessionIndex, s: int) -> bytes:
     )
     ep = ix._ep[s]
     addr = ix._addr[s]
-    if ep or addr or flags & F_EXTRA:
+    if ep or addr or flags & (F_EXTRA | F_GROUPS):
         endpoint = _ENDPOINTS.values[ep] if ep else None
         address = _ADDRESSES.values[addr] if addr else None
-        if flags & F_EXTRA:
-            return head + _encode((endpoint, address, ix._extra[s]))
+        if flags & (F_EXTRA | F_GROUPS):
+            side = list(ix._extra[s]) if flags & F_EXTRA else list(_X_EMPTY)
+            side[X_GROUPS] = ix.groups(s)
+            return head + _encode((endpoint, address, side))
         return head + _encode((endpoint, address))
     return head
 
@@ -186,8 +190,10 @@ def _apply_session(state: DetectorState, key: bytes, value: bytes | None) -> Non
         else:
             if ix._flags[s] & F_EXTRA:
                 del ix._extra[s]
+            if ix._flags[s] & F_GROUPS:
+                del ix._grp[s]
             ix._touch(s)
-        ix._flags[s] = flags & ~F_EXTRA
+        ix._flags[s] = flags & ~(F_EXTRA | F_GROUPS)
         ix._first[s] = first
         ix._last[s] = last
         ix._akt[s] = akt
@@ -197,8 +203,14 @@ def _apply_session(state: DetectorState, key: bytes, value: bytes | None) -> Non
         if len(value) > _HEAD_LEN:
             endpoint, address, *extra = _decode(memoryview(value)[_HEAD_LEN:])
             if extra:
-                ix._extra[s] = _side_entry(key, extra[0])
-                ix._flags[s] = flags | F_EXTRA
+                side = _side_entry(key, extra[0])
+                groups = side[X_GROUPS]
+                if groups:
+                    side[X_GROUPS] = ()
+                    ix.set_groups(s, groups)
+                if side != _X_SIDE_EMPTY:
+                    ix._extra[s] = side
+                    ix._flags[s] |= F_EXTRA
             ep = _ENDPOINTS.id(tuple(endpoint)) if endpoint is not None else 0
             ix._ep[s] = ep
             if endpoint is not None and not ep:  # the intern table is full: kept in the side table

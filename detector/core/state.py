@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -172,6 +173,7 @@ _ADDRESSES = _Interned()  # baseline address strings
 F_AK = 0x01  # the newest access key is in the 20-byte access key column
 F_TOFU4 = 0x02  # the trust-on-first-use IPv4 address is set
 F_EXTRA = 0x04  # the slot has an entry in the side table
+F_GROUPS = 0x40  # the slot has finding groups (in the groups table: one id, or a tuple of several)
 _DELIVERY_SHIFT = 3  # bits 3-5: the ec2RoleDelivery values seen, as a code
 _DELIVERY_MASK = 0x38
 _DELIVERY_CODES: dict[tuple[str, ...], int] = {(): 0, ("1.0",): 1, ("2.0",): 2, ("1.0", "2.0"): 3, ("2.0", "1.0"): 4}
@@ -187,7 +189,7 @@ X_DELIVERIES = 1
 X_ENDPOINTS = 2  # dict vpce -> owner, when there are several (else the endpoint column)
 X_ADDRESSES = 3  # tuple, when there are several (else the address column)
 X_TOFU6 = 4
-X_GROUPS = 5
+X_GROUPS = 5  # unused in the side table (the groups table holds them); kept in the changelog's side entry
 X_PARTS = 6  # (instance_id, account, role, partition) when not derived from the key
 X_TOFU4 = 7  # a first-use IPv4 address not written canonically (never made by the engine)
 X_KEY_TIMES = 8  # first-seen times of the X_KEYS keys (a parallel tuple; None: unknown), SPEC §11
@@ -237,6 +239,7 @@ class SessionIndex:
         "_addr",
         "_akt",
         "_extra",
+        "_grp",
         "_free",
         "_cap",
     )
@@ -257,6 +260,9 @@ class SessionIndex:
         self._addr = array("I")
         self._akt = array("d")  # first-seen eventTime of the newest access key (F_AK set), SPEC §11
         self._extra: dict[int, list[Any]] = {}
+        # Finding group ids by slot: the one id itself, or a tuple of several. About a fifth of sessions
+        # have a group (SPEC §13's IMDSv1 group): a side-table entry each cost ~250 bytes, this ~75.
+        self._grp: dict[int, str | tuple[str, ...]] = {}
         self._free: list[int] = []
         self._cap = 0
 
@@ -333,8 +339,11 @@ class SessionIndex:
         self._unlink(s)
         del self._slots[packed]
         self._keys[s] = None
-        if self._flags[s] & F_EXTRA:
+        flags = self._flags[s]
+        if flags & F_EXTRA:
             del self._extra[s]
+        if flags & F_GROUPS:
+            del self._grp[s]
         self._flags[s] = 0
         self._free.append(s)
         return packed
@@ -559,12 +568,19 @@ class SessionIndex:
             self._x(s)[X_TOFU6] = address
 
     def groups(self, s: int) -> tuple[str, ...]:
-        return self._xget(s, X_GROUPS)  # type: ignore[no-any-return]
+        if self._flags[s] & F_GROUPS:
+            g = self._grp[s]
+            return (g,) if type(g) is str else g  # type: ignore[return-value]
+        return ()
 
     def set_groups(self, s: int, groups: tuple[str, ...]) -> None:
         groups = tuple(groups)
-        if groups or self._flags[s] & F_EXTRA:
-            self._x(s)[X_GROUPS] = groups
+        if groups:
+            self._grp[s] = groups[0] if len(groups) == 1 and type(groups[0]) is str else groups
+            self._flags[s] |= F_GROUPS
+        elif self._flags[s] & F_GROUPS:
+            del self._grp[s]
+            self._flags[s] &= ~F_GROUPS & 0xFF
 
     def set_parts(self, s: int, parts: tuple[str, str, str, str]) -> None:
         packed = self._keys[s]
@@ -610,6 +626,8 @@ class SessionIndex:
         """Write ``to_data``-shaped ``data`` into slot ``s`` (whose key is already set)."""
         if self._flags[s] & F_EXTRA:
             del self._extra[s]
+        if self._flags[s] & F_GROUPS:
+            del self._grp[s]
         self._flags[s] = 0
         self._ep[s] = 0
         self._addr[s] = 0
@@ -1020,7 +1038,27 @@ class FindingGroup:
         group.remote_addresses = list(data.get("remote_addresses") or [])
         group.deliveries = list(data.get("deliveries") or [])
         group.event_ids = list(data.get("event_ids") or [])
+        group.share_strings(True)
         return group
+
+    def share_strings(self, containers: bool) -> None:
+        """Point the fields that many groups have alike (account, role, region, API, ...) at one copy of
+        each string; ``containers``: the ``deliveries`` values and ``api_calls`` names too. A group holds
+        the strings of the record that made it, otherwise: with a fifth of sessions having a group (SPEC
+        §13's IMDSv1 groups), those copies were ~700 bytes a group."""
+        intern = sys.intern
+        for name in _SHARED_FIELDS:
+            value = getattr(self, name)
+            if type(value) is str:
+                setattr(self, name, intern(value))
+        if containers:
+            self.deliveries = [intern(v) if type(v) is str else v for v in self.deliveries or ()]
+            calls = self.api_calls
+            if calls:
+                self.api_calls = {intern(k) if type(k) is str else k: n for k, n in calls.items()}
+
+
+_SHARED_FIELDS = ("type", "account", "region", "partition", "role", "api", "service_name", "origin", "vpce")
 
 
 # Lifecycle entries (SPEC §11): a list indexed by these.
@@ -1272,8 +1310,11 @@ class DetectorState:
         return n
 
     def note_group(self, group: FindingGroup) -> None:
+        group.share_strings(group.version == 1)  # a new group: its first call and delivery too
         if self.track_changes:
-            self.changed.add("g:" + group.id)
+            name = "g:" + group.id
+            self.changed.add(name)
+            self.removed.discard(name)  # a group dropped and made again (the same id) since the last drain
 
     def drain_changes(self) -> tuple[set[str], set[str]]:
         changed, removed = self.changed, self.removed
