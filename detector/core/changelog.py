@@ -74,6 +74,8 @@ _decode = msgspec.msgpack.Decoder().decode
 # a restore then parses a key with a dictionary lookup and a check of its instance ID.
 _PREFIX_OF: dict[bytes, int] = {}
 _INSTANCE_ID = re.compile(rb"i-(?:[0-9a-f]{17}|[0-9a-f]{8})")
+_instance_id = _INSTANCE_ID.fullmatch
+_unpack_head = _HEAD.unpack_from
 
 
 def _packed_key(key: bytes) -> int | str:
@@ -82,7 +84,7 @@ def _packed_key(key: bytes) -> int | str:
     pid = _PREFIX_OF.get(key[2:cut])
     if pid is not None:
         tail = key[cut:]
-        if _INSTANCE_ID.fullmatch(tail):
+        if _instance_id(tail):
             return (pid << _PREFIX_SHIFT) | int(tail[2:], 16) | (_SHORT_BIT if len(tail) == 10 else 0)
     packed = _pack_any(key[2:].decode())
     if isinstance(packed, int):
@@ -166,14 +168,20 @@ def _side_entry(key: bytes, x: Any) -> list[Any]:
 
 
 def _apply_session(state: DetectorState, key: bytes, value: bytes | None) -> None:
-    packed = _packed_key(key)
+    cut = key.rfind(b"/") + 1  # _packed_key, inlined for the usual case: a role seen before
+    pid = _PREFIX_OF.get(key[2:cut])
+    tail = key[cut:]
+    if pid is not None and _instance_id(tail):
+        packed: int | str = (pid << _PREFIX_SHIFT) | int(tail[2:], 16) | (_SHORT_BIT if len(tail) == 10 else 0)
+    else:
+        packed = _packed_key(key)
     ix = state.sessions
     s = ix._slots.get(packed)
     if value is None:
         if s is not None:
             ix._drop(s)
         return
-    if value[:1] != b"\x01":
+    if not value or value[0] != COLUMNS:
         session = Session.from_data(_plain(key, value))
         if s is None:
             s = ix._new_slot(packed, session.first_seen)
@@ -184,9 +192,15 @@ def _apply_session(state: DetectorState, key: bytes, value: bytes | None) -> Non
     else:
         if not isinstance(packed, int) or len(value) < _HEAD_LEN:
             raise ValueError(f"changelog record {key[:80]!r}: a column value for a key that is not an instance session")
-        _, flags, first, last, akt, tofu4, ak = _HEAD.unpack_from(value)
-        if s is None:
-            s = ix._new_slot(packed, first)
+        _, flags, first, last, akt, tofu4, ak = _unpack_head(value)
+        if s is None:  # SessionIndex._new_slot, inlined: every column is written below
+            free = ix._free
+            if not free:
+                ix._grow()
+            s = free.pop()
+            ix._keys[s] = packed
+            ix._slots[packed] = s
+            ix._link_tail(s)
         else:
             if ix._flags[s] & F_EXTRA:
                 del ix._extra[s]
