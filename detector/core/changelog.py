@@ -37,6 +37,7 @@ from .state import (
     _X_EMPTY,
     F_EXTRA,
     F_GROUPS,
+    F_OLDER,
     X_ADDRESSES,
     X_DELIVERIES,
     X_GROUPS,
@@ -106,12 +107,17 @@ def session_value(ix: SessionIndex, s: int) -> bytes:
     )
     ep = ix._ep[s]
     addr = ix._addr[s]
-    if ep or addr or flags & (F_EXTRA | F_GROUPS):
+    if ep or addr or flags & (F_EXTRA | F_GROUPS | F_OLDER):
         endpoint = _ENDPOINTS.values[ep] if ep else None
         address = _ADDRESSES.values[addr] if addr else None
-        if flags & (F_EXTRA | F_GROUPS):
+        if flags & (F_EXTRA | F_GROUPS | F_OLDER):
+            # the side entry as the changelog has it: the groups and older keys of their tables included
             side = list(ix._extra[s]) if flags & F_EXTRA else list(_X_EMPTY)
             side[X_GROUPS] = ix.groups(s)
+            if flags & F_OLDER:
+                older, times = ix._older(s)
+                side[X_KEYS] = older
+                side[X_KEY_TIMES] = times if any(t is not None for t in times) else ()
             return head + _encode((endpoint, address, side))
         return head + _encode((endpoint, address))
     return head
@@ -206,8 +212,10 @@ def _apply_session(state: DetectorState, key: bytes, value: bytes | None) -> Non
                 del ix._extra[s]
             if ix._flags[s] & F_GROUPS:
                 del ix._grp[s]
+            if ix._flags[s] & F_OLDER:
+                del ix._old[s]
             ix._touch(s)
-        ix._flags[s] = flags & ~(F_EXTRA | F_GROUPS)
+        ix._flags[s] = flags & ~(F_EXTRA | F_GROUPS | F_OLDER)
         ix._first[s] = first
         ix._last[s] = last
         ix._akt[s] = akt
@@ -222,9 +230,13 @@ def _apply_session(state: DetectorState, key: bytes, value: bytes | None) -> Non
                 if groups:
                     side[X_GROUPS] = ()
                     ix.set_groups(s, groups)
+                older, times = side[X_KEYS], side[X_KEY_TIMES]
+                side[X_KEYS] = side[X_KEY_TIMES] = ()
                 if side != _X_SIDE_EMPTY:
                     ix._extra[s] = side
                     ix._flags[s] |= F_EXTRA
+                if older:
+                    ix._set_older(s, older, times if len(times) == len(older) else (None,) * len(older))
             ep = _ENDPOINTS.id(tuple(endpoint)) if endpoint is not None else 0
             ix._ep[s] = ep
             if endpoint is not None and not ep:  # the intern table is full: kept in the side table

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 import sys
 from array import array
 from collections.abc import Iterator
@@ -174,6 +175,7 @@ F_AK = 0x01  # the newest access key is in the 20-byte access key column
 F_TOFU4 = 0x02  # the trust-on-first-use IPv4 address is set
 F_EXTRA = 0x04  # the slot has an entry in the side table
 F_GROUPS = 0x40  # the slot has finding groups (in the groups table: one id, or a tuple of several)
+F_OLDER = 0x80  # the access keys older than the newest are in the older-keys table (packed bytes)
 _DELIVERY_SHIFT = 3  # bits 3-5: the ec2RoleDelivery values seen, as a code
 _DELIVERY_MASK = 0x38
 _DELIVERY_CODES: dict[tuple[str, ...], int] = {(): 0, ("1.0",): 1, ("2.0",): 2, ("1.0", "2.0"): 3, ("2.0", "1.0"): 4}
@@ -181,6 +183,7 @@ _DELIVERY_TUPLES: dict[int, tuple[str, ...]] = {v: k for k, v in _DELIVERY_CODES
 _DELIVERY_SEEN = frozenset((code, v) for values, code in _DELIVERY_CODES.items() for v in values)
 _DELIVERY_EXTRA = 7  # other values: the tuple is in the side table
 _AK_LEN = 20
+_OLDER_LEN = _AK_LEN + 8  # an older access key and its first-seen time, in SessionIndex._old
 _ZERO_AK = bytes(_AK_LEN)
 
 # Side-table entry: a list indexed by these.
@@ -197,6 +200,7 @@ _X_EMPTY = ((), None, None, None, None, (), None, None, ())
 
 _NONE = -1
 _UNKNOWN = float("nan")  # an access key's first-seen time that is not known
+_OLDER_TIMES = [struct.Struct(f"<{n}d") for n in range(MAX_ACCESS_KEYS)]  # by number of older keys
 _GROW_MIN = 1024
 
 
@@ -240,6 +244,7 @@ class SessionIndex:
         "_akt",
         "_extra",
         "_grp",
+        "_old",
         "_free",
         "_cap",
     )
@@ -263,6 +268,10 @@ class SessionIndex:
         # Finding group ids by slot: the one id itself, or a tuple of several. About a fifth of sessions
         # have a group (SPEC §13's IMDSv1 group): a side-table entry each cost ~250 bytes, this ~75.
         self._grp: dict[int, str | tuple[str, ...]] = {}
+        # Access keys older than the newest, when each is a 20-character ASCII key (always, from AWS):
+        # per key its 20 bytes and its first-seen time (a double, NaN: unknown), packed in one bytes
+        # object — ~140 bytes a rotated session against ~400 for a side-table entry of tuples.
+        self._old: dict[int, bytes] = {}
         self._free: list[int] = []
         self._cap = 0
 
@@ -344,6 +353,8 @@ class SessionIndex:
             del self._extra[s]
         if flags & F_GROUPS:
             del self._grp[s]
+        if flags & F_OLDER:
+            del self._old[s]
         self._flags[s] = 0
         self._free.append(s)
         return packed
@@ -373,8 +384,35 @@ class SessionIndex:
         assert isinstance(packed, int)
         return _key_parts(packed)
 
+    def _older(self, s: int) -> tuple[tuple[str, ...], tuple[float | None, ...]]:
+        """The access keys older than the newest, and their first-seen times (``()``: none known)."""
+        if self._flags[s] & F_OLDER:
+            raw = self._old[s]
+            n = len(raw) // _OLDER_LEN
+            times = _OLDER_TIMES[n].unpack_from(raw, n * _AK_LEN)
+            keys = tuple(raw[i * _AK_LEN : (i + 1) * _AK_LEN].decode("ascii") for i in range(n))
+            return keys, tuple(None if v != v else v for v in times)
+        return self._xget(s, X_KEYS), self._xget(s, X_KEY_TIMES)
+
+    def _set_older(self, s: int, older: tuple[str, ...], older_times: tuple[float | None, ...]) -> None:
+        flags = self._flags[s]
+        if flags & F_OLDER:
+            del self._old[s]
+            self._flags[s] = flags = flags & ~F_OLDER & 0xFF
+        if older and len(older) < len(_OLDER_TIMES) and all(len(k) == _AK_LEN and k.isascii() for k in older):
+            n = len(older)
+            self._old[s] = "".join(older).encode("ascii") + _OLDER_TIMES[n].pack(
+                *(_UNKNOWN if v is None else v for v in older_times)
+            )
+            self._flags[s] = flags | F_OLDER
+            older, older_times = (), ()
+        if older or flags & F_EXTRA:
+            x = self._x(s)
+            x[X_KEYS] = older
+            x[X_KEY_TIMES] = older_times if any(t is not None for t in older_times) else ()
+
     def access_keys(self, s: int) -> tuple[str, ...]:
-        older = self._xget(s, X_KEYS)
+        older = self._older(s)[0] if self._flags[s] & (F_OLDER | F_EXTRA) else ()
         if self._flags[s] & F_AK:
             base = s * _AK_LEN
             return (*older, self._ak[base : base + _AK_LEN].decode("ascii"))
@@ -382,8 +420,7 @@ class SessionIndex:
 
     def key_times(self, s: int) -> tuple[float | None, ...]:
         """First-seen eventTimes of :meth:`access_keys` (parallel; None where unknown)."""
-        older = self._xget(s, X_KEYS)
-        times = self._xget(s, X_KEY_TIMES)
+        older, times = self._older(s)
         if len(times) != len(older):
             times = (None,) * len(older)
         if self._flags[s] & F_AK:
@@ -412,10 +449,7 @@ class SessionIndex:
         else:
             self._flags[s] &= ~F_AK & 0xFF
             older, older_times = keys, times
-        if older or self._flags[s] & F_EXTRA:
-            x = self._x(s)
-            x[X_KEYS] = older
-            x[X_KEY_TIMES] = older_times if any(t is not None for t in older_times) else ()
+        self._set_older(s, older, older_times)
 
     def add_access_key(self, s: int, key: str, ts: float | None = None) -> None:
         """Remember ``key`` as the newest access key, seen (or issued) at eventTime ``ts``."""
@@ -628,6 +662,8 @@ class SessionIndex:
             del self._extra[s]
         if self._flags[s] & F_GROUPS:
             del self._grp[s]
+        if self._flags[s] & F_OLDER:
+            del self._old[s]
         self._flags[s] = 0
         self._ep[s] = 0
         self._addr[s] = 0
