@@ -9,9 +9,10 @@ object per session. A session key (the role session ARN ``arn:<p>:sts::<account>
 shared by every instance of the role, plus the instance ID's hex digits — and maps to a *slot*. Each
 field of a session lives in a column (``array``/``bytearray``) at that slot: first/last seen, the newest
 access key (20 bytes), ``ec2RoleDelivery`` values (a code), the trust-on-first-use IPv4 address (4
-bytes), the first baseline endpoint and address (interned ids), LRU links. What few sessions carry more
-(older access keys, several endpoints or addresses, an IPv6 first-use address, finding groups) keeps it
-in a small side table. See docs/performance.md for the measured bytes per session.
+bytes), the first baseline endpoint and address (interned ids), LRU links. A session's finding ids and
+its access keys older than the newest (packed bytes) are in two small tables of the sessions that have
+them; what few sessions carry more (several endpoints or addresses, an IPv6 first-use address, odd
+values) keeps it in a side table. See docs/performance.md for the measured bytes per session.
 
 ``DetectorState.sessions`` is a :class:`SessionIndex`: a mapping from session key (the ARN string) to
 :class:`Session`, in least-recently-used order, with the ``OrderedDict`` operations the changelog and
