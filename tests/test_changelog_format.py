@@ -253,9 +253,10 @@ def test_offsets_are_read_from_the_header_and_filter() -> None:
         Message(b"g:g2", value, [("other", b"x"), (changelog.OFFSET_HEADER, b"2")]),
         Message(b"g:g3", value, [(changelog.OFFSET_HEADER, b" 7")]),  # int() reads it: 7, skipped
         Message(b"g:g4", value, None),  # no offset: applied
+        Message(b"g:g5", value, [(changelog.OFFSET_HEADER, None)]),  # a null header value: no offset
     ]
-    assert changelog.apply_records(state, msgs, committed=5) == (2, 2)
-    assert sorted(state.groups) == ["g2", "g4"]
+    assert changelog.apply_records(state, msgs, committed=5) == (3, 2)
+    assert sorted(state.groups) == ["g2", "g4", "g5"]
     assert gc.isenabled()  # paused during the batch only
     with pytest.raises(ValueError):
         changelog.apply_records(state, [Message(b"x:", b"{}", None)], committed=5)

@@ -295,7 +295,7 @@ def apply_records(state: DetectorState, messages: Iterable[Any], committed: int)
             headers = msg.headers
             if headers:
                 name, raw = headers[0]
-                if name == header and len(headers) == 1 and raw.isdigit():
+                if name == header and len(headers) == 1 and type(raw) is bytes and raw.isdigit():
                     offset: int | None = int(raw)
                 else:
                     offset = source_offset(headers)
