@@ -9,9 +9,10 @@ object per session. A session key (the role session ARN ``arn:<p>:sts::<account>
 shared by every instance of the role, plus the instance ID's hex digits — and maps to a *slot*. Each
 field of a session lives in a column (``array``/``bytearray``) at that slot: first/last seen, the newest
 access key (20 bytes), ``ec2RoleDelivery`` values (a code), the trust-on-first-use IPv4 address (4
-bytes), the first baseline endpoint and address (interned ids), LRU links. What few sessions carry more
-(older access keys, several endpoints or addresses, an IPv6 first-use address, finding groups) keeps it
-in a small side table. See docs/performance.md for the measured bytes per session.
+bytes), the first baseline endpoint and address (interned ids), LRU links. A session's finding ids and
+its access keys older than the newest (packed bytes) are in two small tables of the sessions that have
+them; what few sessions carry more (several endpoints or addresses, an IPv6 first-use address, odd
+values) keeps it in a side table. See docs/performance.md for the measured bytes per session.
 
 ``DetectorState.sessions`` is a :class:`SessionIndex`: a mapping from session key (the ARN string) to
 :class:`Session`, in least-recently-used order, with the ``OrderedDict`` operations the changelog and
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
+import sys
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -172,6 +175,8 @@ _ADDRESSES = _Interned()  # baseline address strings
 F_AK = 0x01  # the newest access key is in the 20-byte access key column
 F_TOFU4 = 0x02  # the trust-on-first-use IPv4 address is set
 F_EXTRA = 0x04  # the slot has an entry in the side table
+F_GROUPS = 0x40  # the slot has finding groups (in the groups table: one id, or a tuple of several)
+F_OLDER = 0x80  # the access keys older than the newest are in the older-keys table (packed bytes)
 _DELIVERY_SHIFT = 3  # bits 3-5: the ec2RoleDelivery values seen, as a code
 _DELIVERY_MASK = 0x38
 _DELIVERY_CODES: dict[tuple[str, ...], int] = {(): 0, ("1.0",): 1, ("2.0",): 2, ("1.0", "2.0"): 3, ("2.0", "1.0"): 4}
@@ -179,6 +184,7 @@ _DELIVERY_TUPLES: dict[int, tuple[str, ...]] = {v: k for k, v in _DELIVERY_CODES
 _DELIVERY_SEEN = frozenset((code, v) for values, code in _DELIVERY_CODES.items() for v in values)
 _DELIVERY_EXTRA = 7  # other values: the tuple is in the side table
 _AK_LEN = 20
+_OLDER_LEN = _AK_LEN + 8  # an older access key and its first-seen time, in SessionIndex._old
 _ZERO_AK = bytes(_AK_LEN)
 
 # Side-table entry: a list indexed by these.
@@ -187,7 +193,7 @@ X_DELIVERIES = 1
 X_ENDPOINTS = 2  # dict vpce -> owner, when there are several (else the endpoint column)
 X_ADDRESSES = 3  # tuple, when there are several (else the address column)
 X_TOFU6 = 4
-X_GROUPS = 5
+X_GROUPS = 5  # unused in the side table (the groups table holds them); kept in the changelog's side entry
 X_PARTS = 6  # (instance_id, account, role, partition) when not derived from the key
 X_TOFU4 = 7  # a first-use IPv4 address not written canonically (never made by the engine)
 X_KEY_TIMES = 8  # first-seen times of the X_KEYS keys (a parallel tuple; None: unknown), SPEC §11
@@ -195,6 +201,7 @@ _X_EMPTY = ((), None, None, None, None, (), None, None, ())
 
 _NONE = -1
 _UNKNOWN = float("nan")  # an access key's first-seen time that is not known
+_OLDER_TIMES = [struct.Struct(f"<{n}d") for n in range(MAX_ACCESS_KEYS)]  # by number of older keys
 _GROW_MIN = 1024
 
 
@@ -237,6 +244,8 @@ class SessionIndex:
         "_addr",
         "_akt",
         "_extra",
+        "_grp",
+        "_old",
         "_free",
         "_cap",
     )
@@ -257,6 +266,13 @@ class SessionIndex:
         self._addr = array("I")
         self._akt = array("d")  # first-seen eventTime of the newest access key (F_AK set), SPEC §11
         self._extra: dict[int, list[Any]] = {}
+        # Finding group ids by slot: the one id itself, or a tuple of several. About a fifth of sessions
+        # have a group (SPEC §13's IMDSv1 group): a side-table entry each cost ~250 bytes, this ~75.
+        self._grp: dict[int, str | tuple[str, ...]] = {}
+        # Access keys older than the newest, when each is a 20-character ASCII key (always, from AWS):
+        # per key its 20 bytes and its first-seen time (a double, NaN: unknown), packed in one bytes
+        # object — ~140 bytes a rotated session against ~400 for a side-table entry of tuples.
+        self._old: dict[int, bytes] = {}
         self._free: list[int] = []
         self._cap = 0
 
@@ -333,8 +349,13 @@ class SessionIndex:
         self._unlink(s)
         del self._slots[packed]
         self._keys[s] = None
-        if self._flags[s] & F_EXTRA:
+        flags = self._flags[s]
+        if flags & F_EXTRA:
             del self._extra[s]
+        if flags & F_GROUPS:
+            del self._grp[s]
+        if flags & F_OLDER:
+            del self._old[s]
         self._flags[s] = 0
         self._free.append(s)
         return packed
@@ -364,8 +385,35 @@ class SessionIndex:
         assert isinstance(packed, int)
         return _key_parts(packed)
 
+    def _older(self, s: int) -> tuple[tuple[str, ...], tuple[float | None, ...]]:
+        """The access keys older than the newest, and their first-seen times (``()``: none known)."""
+        if self._flags[s] & F_OLDER:
+            raw = self._old[s]
+            n = len(raw) // _OLDER_LEN
+            times = _OLDER_TIMES[n].unpack_from(raw, n * _AK_LEN)
+            keys = tuple(raw[i * _AK_LEN : (i + 1) * _AK_LEN].decode("ascii") for i in range(n))
+            return keys, tuple(None if v != v else v for v in times)
+        return self._xget(s, X_KEYS), self._xget(s, X_KEY_TIMES)
+
+    def _set_older(self, s: int, older: tuple[str, ...], older_times: tuple[float | None, ...]) -> None:
+        flags = self._flags[s]
+        if flags & F_OLDER:
+            del self._old[s]
+            self._flags[s] = flags = flags & ~F_OLDER & 0xFF
+        if older and len(older) < len(_OLDER_TIMES) and all(len(k) == _AK_LEN and k.isascii() for k in older):
+            n = len(older)
+            self._old[s] = "".join(older).encode("ascii") + _OLDER_TIMES[n].pack(
+                *(_UNKNOWN if v is None else v for v in older_times)
+            )
+            self._flags[s] = flags | F_OLDER
+            older, older_times = (), ()
+        if older or flags & F_EXTRA:
+            x = self._x(s)
+            x[X_KEYS] = older
+            x[X_KEY_TIMES] = older_times if any(t is not None for t in older_times) else ()
+
     def access_keys(self, s: int) -> tuple[str, ...]:
-        older = self._xget(s, X_KEYS)
+        older = self._older(s)[0] if self._flags[s] & (F_OLDER | F_EXTRA) else ()
         if self._flags[s] & F_AK:
             base = s * _AK_LEN
             return (*older, self._ak[base : base + _AK_LEN].decode("ascii"))
@@ -373,8 +421,7 @@ class SessionIndex:
 
     def key_times(self, s: int) -> tuple[float | None, ...]:
         """First-seen eventTimes of :meth:`access_keys` (parallel; None where unknown)."""
-        older = self._xget(s, X_KEYS)
-        times = self._xget(s, X_KEY_TIMES)
+        older, times = self._older(s)
         if len(times) != len(older):
             times = (None,) * len(older)
         if self._flags[s] & F_AK:
@@ -403,10 +450,7 @@ class SessionIndex:
         else:
             self._flags[s] &= ~F_AK & 0xFF
             older, older_times = keys, times
-        if older or self._flags[s] & F_EXTRA:
-            x = self._x(s)
-            x[X_KEYS] = older
-            x[X_KEY_TIMES] = older_times if any(t is not None for t in older_times) else ()
+        self._set_older(s, older, older_times)
 
     def add_access_key(self, s: int, key: str, ts: float | None = None) -> None:
         """Remember ``key`` as the newest access key, seen (or issued) at eventTime ``ts``."""
@@ -559,12 +603,19 @@ class SessionIndex:
             self._x(s)[X_TOFU6] = address
 
     def groups(self, s: int) -> tuple[str, ...]:
-        return self._xget(s, X_GROUPS)  # type: ignore[no-any-return]
+        if self._flags[s] & F_GROUPS:
+            g = self._grp[s]
+            return (g,) if type(g) is str else g  # type: ignore[return-value]
+        return ()
 
     def set_groups(self, s: int, groups: tuple[str, ...]) -> None:
         groups = tuple(groups)
-        if groups or self._flags[s] & F_EXTRA:
-            self._x(s)[X_GROUPS] = groups
+        if groups:
+            self._grp[s] = groups[0] if len(groups) == 1 and type(groups[0]) is str else groups
+            self._flags[s] |= F_GROUPS
+        elif self._flags[s] & F_GROUPS:
+            del self._grp[s]
+            self._flags[s] &= ~F_GROUPS & 0xFF
 
     def set_parts(self, s: int, parts: tuple[str, str, str, str]) -> None:
         packed = self._keys[s]
@@ -610,6 +661,10 @@ class SessionIndex:
         """Write ``to_data``-shaped ``data`` into slot ``s`` (whose key is already set)."""
         if self._flags[s] & F_EXTRA:
             del self._extra[s]
+        if self._flags[s] & F_GROUPS:
+            del self._grp[s]
+        if self._flags[s] & F_OLDER:
+            del self._old[s]
         self._flags[s] = 0
         self._ep[s] = 0
         self._addr[s] = 0
@@ -1020,7 +1075,27 @@ class FindingGroup:
         group.remote_addresses = list(data.get("remote_addresses") or [])
         group.deliveries = list(data.get("deliveries") or [])
         group.event_ids = list(data.get("event_ids") or [])
+        group.share_strings(True)
         return group
+
+    def share_strings(self, containers: bool) -> None:
+        """Point the fields that many groups have alike (account, role, region, API, ...) at one copy of
+        each string; ``containers``: the ``deliveries`` values and ``api_calls`` names too. A group holds
+        the strings of the record that made it, otherwise: with a fifth of sessions having a group (SPEC
+        §13's IMDSv1 groups), those copies were ~700 bytes a group."""
+        intern = sys.intern
+        for name in _SHARED_FIELDS:
+            value = getattr(self, name)
+            if type(value) is str:
+                setattr(self, name, intern(value))
+        if containers:
+            self.deliveries = [intern(v) if type(v) is str else v for v in self.deliveries or ()]
+            calls = self.api_calls
+            if calls:
+                self.api_calls = {intern(k) if type(k) is str else k: n for k, n in calls.items()}
+
+
+_SHARED_FIELDS = ("type", "account", "region", "partition", "role", "api", "service_name", "origin", "vpce")
 
 
 # Lifecycle entries (SPEC §11): a list indexed by these.
@@ -1272,8 +1347,11 @@ class DetectorState:
         return n
 
     def note_group(self, group: FindingGroup) -> None:
+        group.share_strings(group.version == 1)  # a new group: its first call and delivery too
         if self.track_changes:
-            self.changed.add("g:" + group.id)
+            name = "g:" + group.id
+            self.changed.add(name)
+            self.removed.discard(name)  # a group dropped and made again (the same id) since the last drain
 
     def drain_changes(self) -> tuple[set[str], set[str]]:
         changed, removed = self.changed, self.removed

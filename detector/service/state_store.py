@@ -143,13 +143,9 @@ async def restore_partition(
                 log.warning("restore_stalled", partition=_label(source), position=await reader.position(source), end=end)
                 break
             messages = batch.get(source, ())
-            for msg in messages:
-                offset = changelog.source_offset(msg.headers)
-                if offset is not None and offset >= committed:
-                    skipped += 1
-                    continue
-                changelog.apply_record(state, msg.key, msg.value)
-                restored += 1
+            applied, passed = changelog.apply_records(state, messages, committed)
+            restored += applied
+            skipped += passed
             if on_batch is not None:
                 on_batch(len(messages))
     finally:
