@@ -39,7 +39,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, To
 
 from .. import ipranges
 from ..core import changelog
-from ..core.engine import Engine, MalformedRecord, check_decidable, record_instances, session_parts
+from ..core.engine import Engine, MalformedRecord, route_keys
 from ..core.findings import render
 from ..core.ocsf import to_ocsf
 from ..core.ordering import Watermark, event_time_key, merge_runs, releasable
@@ -94,19 +94,6 @@ def finding_body(finding: dict[str, Any], new: bool, finding_format: str, envelo
     if finding_format == "ocsf":
         return to_ocsf(finding, new=new)
     return eventbridge_envelope(finding) if envelope else finding
-
-
-def route_keys(record: dict[str, Any]) -> list[str]:
-    """The instance IDs a record concerns (SPEC §10: the keys of its routed copies), empty when the
-    detector does not keep it: the instance of its session (any role), of the credentials an issuance
-    record issues, and of its lifecycle or address signals.
-
-    Raises :class:`MalformedRecord` for an instance-credential record the detect stage could not decide.
-    """
-    parts = session_parts(record)
-    if parts is not None:
-        check_decidable(record)
-    return record_instances(record, parts)
 
 
 def routed_instance(msg: Any) -> str | None:
