@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         help="distinct EC2 instances in the stream (default: the shape's); more instances mean more "
         "first-seen sessions and addresses, the engine's costly case",
     )  # fmt: skip
-    parser.add_argument("--jobs", type=int, choices=(1, 2), default=None, help="pass --jobs to the replay "
+    parser.add_argument("--jobs", type=int, default=None, help="pass --jobs to the replay "
                         "(default: none, i.e. the replay's default settings)")  # fmt: skip
     add_case_arguments(parser, seeds=(7, 11), shapes=("default", "fleet-5000", "fleet-500"))
     args = parser.parse_args(argv)

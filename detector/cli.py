@@ -24,9 +24,11 @@ def cli() -> None:
 @click.option("--session-ttl", type=float, default=12 * 3600.0, show_default=True, help="Idle TTL of a session entry, seconds of event time.")
 @click.option("--max-sessions", type=click.IntRange(min=1), default=1_000_000, show_default=True, help="Cap of the session index (LRU eviction).")
 @click.option(
-    "--jobs", type=click.IntRange(min=1, max=2), default=None,
-    help="Processes per large plain JSON Lines file: 2 decodes and sorts lines in a second process while this one "
-    "applies them (same results). Default: 2 when this process may use two CPUs or more, else 1.",
+    "--jobs", type=click.IntRange(min=1), default=None,
+    help="Processes of the replay (same results with any): 2 decodes and sorts the lines of a large plain JSON Lines "
+    "file in a second process while this one applies them; 3 or more: this process reads and routes every input "
+    "(any kind) to N-1 appliers, each keeping the instances that hash to it (opt-in: measured slower on 2 CPUs). "
+    "Default: 2 when this process may use two CPUs or more, else 1.",
 )  # fmt: skip
 @click.option(
     "--stop-grace-seconds", type=click.FloatRange(min=0), default=600.0, show_default=True,

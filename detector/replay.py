@@ -30,11 +30,11 @@ import msgspec
 import orjson
 from msgspec import UNSET
 
-from .core.engine import Engine, MalformedRecord
+from .core.engine import Engine, MalformedRecord, check_decidable, parse_event_time, route_keys, session_parts
 from .core.findings import render
 from .core.prefilter import may_matter
 from .core.records import (
-    _FAST_ERRORS, CLOUDTRAIL_DETAIL_TYPES, SKIPPED, STATE_CHANGE, Decoded, FastDecoder, FastRecord,
+    _FAST_ERRORS, CLOUDTRAIL_DETAIL_TYPES, SKIPPED, STATE_CHANGE, Decoded, FastDecoder, FastRecord, StateChange,
     classify, decode, fast_ok, matters,
 )  # fmt: skip
 from .core.state import DetectorState, FindingGroup
@@ -68,7 +68,7 @@ class Summary:
             "malformed": self.malformed,
             "skipped": self.skipped,
             "findings": self.findings,
-            "malformed_reasons": self.malformed_reasons,
+            "malformed_reasons": dict(sorted(self.malformed_reasons.items())),  # one order whatever --jobs
         }
 
 
@@ -189,13 +189,201 @@ def iter_inputs(name: str) -> Iterator[Decoded]:
             handle.close()
 
 
-def default_jobs() -> int:
-    """2 (a split replay) when this process may run on two CPUs or more, else 1."""
+def usable_cpus() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return 2 if cpus >= 2 else 1
+        return os.cpu_count() or 1
+
+
+def default_jobs() -> int:
+    """2 (a split replay) when this process may run on two CPUs or more, else 1. A sharded replay
+    (``--jobs`` 3 or more) is never the default: on 2 CPUs it measured slower than both (this process,
+    which reads and routes everything, is then the bottleneck; docs/performance.md)."""
+    return 2 if usable_cpus() >= 2 else 1
+
+
+def shard_of(instance_id: str, shards: int) -> int:
+    """The applier of a sharded replay that keeps ``instance_id``: a stable hash (CRC-32), not
+    Python's per-process ``hash``."""
+    return zlib.crc32(instance_id.encode()) % shards
+
+
+_BATCH = 2048  # records sent to an applier at a time
+
+
+def _apply_process(conn: Any, engine: Engine, config: Any, siblings: list[Any]) -> None:
+    """An applier of a sharded replay (a forked process): its own :class:`DetectorState`, fed batches
+    ``(seqs, hints, only, records)`` of the records of its instances in stream order. Before each record
+    its stream time is raised to ``hint`` (the stream time of the whole replay before that record), so
+    times and TTLs are those of the one-process replay. At ``None`` it answers with its results.
+    ``siblings``: the parent's ends of the earlier appliers' pipes, inherited by the fork and closed
+    here, so that each applier sees the end of its pipe (and exits) when the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the parent's to report
+    for sibling in siblings:
+        sibling.close()
+    state = DetectorState(config)
+    apply = engine.apply
+    final: dict[str, list[Any]] = {}  # group id -> [seq of the record that opened it, index, group]
+    malformed: dict[str, int] = {}
+    decode_records = msgspec.msgpack.Decoder(list[FastRecord]).decode
+    try:
+        while True:
+            message = conn.recv()
+            if message is None:
+                break
+            seqs, hints, only, blob, others = message
+            records: list[Any] = decode_records(blob) if blob else []
+            for pos, record in others:
+                records.insert(pos, record)
+            for i, record in enumerate(records):
+                hint = hints[i]
+                if hint > state.stream_time:
+                    state.stream_time = hint
+                try:
+                    changes = apply(state, record, only.get(i))
+                except MalformedRecord as exc:
+                    malformed[exc.reason] = malformed.get(exc.reason, 0) + 1
+                    continue
+                for j, change in enumerate(changes):
+                    entry = final.get(change.group.id)
+                    if entry is None:
+                        final[change.group.id] = [seqs[i], j, change.group]
+                    else:
+                        entry[2] = change.group
+        counters = engine.counters
+        conn.send((list(final.values()), malformed, counters.origin, counters.issuance_records))
+    except EOFError:
+        pass  # the parent is gone (interrupted or failed): nothing to report to
+    finally:
+        conn.close()
+
+
+class _Shards:
+    """The appliers of a sharded replay and what this process routes to them (:meth:`route`)."""
+
+    def __init__(self, engine: Engine, config: Any, count: int) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        self.count = count
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        for n in range(count):
+            parent, child = context.Pipe()
+            proc = context.Process(target=_apply_process, args=(child, engine, config, [*self.conns, parent]), name=f"detector-apply-{n}", daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        self.seq = 0
+        self.clock = 0.0  # the replay's stream time: the newest event time of the records routed so far
+        self.last_time: Any = None
+        self.buffers: list[list[Any]] = [[[], array("d"), {}, [], []] for _ in range(count)]
+        self.encode = msgspec.msgpack.Encoder().encode
+
+    def _dead(self, n: int) -> InputError:
+        self.procs[n].join(timeout=1.0)
+        return InputError(f"replay applier {n} stopped (exit code {self.procs[n].exitcode}); no findings written")
+
+    def route(self, record: Any) -> None:
+        """Send ``record`` to the applier of each instance it concerns (raises :class:`MalformedRecord`
+        as :func:`route_keys` does; a record of no instance is only counted, as the engine would)."""
+        keys = route_keys(record)
+        seq = self.seq
+        self.seq = seq + 1
+        if not keys:
+            return
+        hint = self.clock
+        event_time = record.get("eventTime") if isinstance(record, dict) else getattr(record, "eventTime", None)
+        if event_time != self.last_time and type(event_time) is str:
+            try:
+                ts = parse_event_time(event_time)
+            except MalformedRecord:
+                ts = 0.0
+            if ts > self.clock and self._advances(record):
+                self.clock = ts
+                self.last_time = event_time
+        count = self.count
+        many = len(keys) > 1  # one copy per instance, each applied only for its instance (as the service does)
+        for key in keys:
+            n = shard_of(key, count) if count > 1 else 0
+            buffer = self.buffers[n]
+            records = buffer[3]
+            i = len(records) + len(buffer[4])
+            buffer[0].append(seq)
+            buffer[1].append(hint)
+            if many:
+                buffer[2][i] = key
+            if type(record) is FastRecord:
+                records.append(record)
+            else:
+                buffer[4].append((i, record))
+            if i + 1 >= _BATCH:
+                self._flush(n)
+
+    @staticmethod
+    def _advances(record: Any) -> bool:
+        """Whether the engine moves its stream time for ``record`` (a routed record whose time parses):
+        not for a session record it rejects (:func:`check_decidable`: its source is no address).
+        Asked only when the record's time is the newest yet."""
+        if isinstance(record, dict) or type(record) is StateChange:
+            return True  # a dict was checked by route_keys; a state change has no source
+        identity = getattr(record, "userIdentity", None)
+        if identity is None or identity.type != "AssumedRole":
+            return True
+        as_dict = msgspec.to_builtins(record)
+        if session_parts(as_dict) is None:
+            return True
+        try:
+            check_decidable(as_dict)
+        except MalformedRecord:
+            return False
+        return True
+
+    def _flush(self, n: int) -> None:
+        seqs, hints, only, records, others = self.buffers[n]
+        if not seqs:
+            return
+        try:
+            blob = self.encode(records) if records else b""
+        except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError):
+            others = sorted(others + [(i, r) for i, r in zip(self._positions(seqs, others), records, strict=True)])
+            blob = b""
+        try:
+            self.conns[n].send((seqs, hints, only, blob, others))
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            raise self._dead(n) from None
+        self.buffers[n] = [[], array("d"), {}, [], []]
+
+    @staticmethod
+    def _positions(seqs: list[int], others: list[tuple[int, Any]]) -> list[int]:
+        taken = {i for i, _ in others}
+        return [i for i in range(len(seqs)) if i not in taken]
+
+    def finish(self) -> list[tuple[list[list[Any]], dict[str, int], dict[str, int], int]]:
+        """Flush every applier, tell it the stream ended, and collect its results."""
+        for n in range(self.count):
+            self._flush(n)
+            try:
+                self.conns[n].send(None)
+            except (BrokenPipeError, ConnectionResetError, EOFError):
+                raise self._dead(n) from None
+        results = []
+        for n in range(self.count):
+            try:
+                results.append(self.conns[n].recv())
+            except (EOFError, ConnectionResetError):
+                raise self._dead(n) from None
+        return results
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
 
 
 def scan_lines(
@@ -360,6 +548,13 @@ class Replayer:
         self.jobs = jobs
         self.summary = Summary()
         self.final: dict[str, FindingGroup] = {}
+        self._shards: _Shards | None = None
+        self._apply: Callable[[DetectorState, Any], Iterable[Any]] = engine.apply
+
+    def _route(self, state: DetectorState, record: Any) -> tuple[()]:
+        """:meth:`Engine.apply` of a sharded replay: the record goes to its instances' appliers."""
+        self._shards.route(record)  # type: ignore[union-attr]
+        return ()
 
     def _malformed(self, reason: str) -> None:
         self.summary.malformed += 1
@@ -371,7 +566,7 @@ class Replayer:
             summary.skipped += 1
         for reason in decoded.malformed:
             self._malformed(reason)
-        apply = self.engine.apply
+        apply = self._apply
         state = self.state
         final = self.final
         for record in decoded.records:
@@ -403,7 +598,7 @@ class Replayer:
         (``SKIPPED``), or the line given to the reference decode (``None``). A closure over this
         replay's parts, as it runs once per record that may matter."""
         summary, final, state = self.summary, self.final, self.state
-        apply, feed_raw, malformed = self.engine.apply, self.feed_raw, self._malformed
+        apply, feed_raw, malformed = self._apply, self.feed_raw, self._malformed
 
         def take(line: Any, result: FastRecord | str | None, start: int, end: int) -> None:
             if result is None:
@@ -494,9 +689,9 @@ class Replayer:
 
     def _split_size(self, source: Source, handle: BinaryIO) -> int:
         """The size of ``source`` when it is to be replayed in two processes (:meth:`_feed_lines_split`):
-        ``jobs`` >= 2, a plain local file (not standard input, not gzip) of at least ``SPLIT_MIN_BYTES``,
+        ``jobs`` 2, a plain local file (not standard input, not gzip) of at least ``SPLIT_MIN_BYTES``,
         and ``fork`` available; else 0."""
-        if self.jobs < 2 or not source.local or source.name == "-" or not isinstance(handle, io.BufferedReader):
+        if self.jobs != 2 or not source.local or source.name == "-" or not isinstance(handle, io.BufferedReader):
             return 0
         size = os.fstat(handle.fileno()).st_size
         if size < SPLIT_MIN_BYTES:
@@ -546,15 +741,47 @@ class Replayer:
     ) -> Summary:
         """Replay ``inputs`` in the order given; ``remote`` expands an ``s3://`` URL into its objects;
         ``progress`` (a :class:`detector.progress.Progress`) counts the local inputs done."""
-        for source in iter_sources(inputs, remote):
-            self.summary.inputs += 1
-            self._feed_source(source)
-            if progress is not None and source.local:
-                progress.objects_done += 1
-                progress.bytes_done += source.size or 0
+        if self.jobs >= 3:
+            import multiprocessing  # here, not at start-up: only a sharded replay needs it
+
+            if "fork" in multiprocessing.get_all_start_methods():
+                self._shards = _Shards(self.engine, self.state.config, self.jobs - 1)
+                self._apply = self._route
+        try:
+            for source in iter_sources(inputs, remote):
+                self.summary.inputs += 1
+                self._feed_source(source)
+                if progress is not None and source.local:
+                    progress.objects_done += 1
+                    progress.bytes_done += source.size or 0
+            if self._shards is not None:
+                self._merge(self._shards.finish())
+        finally:
+            if self._shards is not None:
+                self._shards.close()
+                self._shards = None
+                self._apply = self.engine.apply
         self.summary.instance_records = self.engine.counters.instance_records
         self.summary.findings = len(self.final)
         return self.summary
+
+    def _merge(self, results: list[tuple[list[list[Any]], dict[str, int], dict[str, int], int]]) -> None:
+        """The appliers' results as one replay's: finding groups in the order the one-process replay
+        keeps them (by the stream position of the record that opened each, then its place among that
+        record's changes), malformed reasons and the engine's counters summed."""
+        opened: list[list[Any]] = []
+        counters = self.engine.counters
+        for groups, malformed, origin, issuance_records in results:
+            opened.extend(groups)
+            for reason, count in malformed.items():
+                self.summary.malformed += count
+                self.summary.malformed_reasons[reason] = self.summary.malformed_reasons.get(reason, 0) + count
+            for kind, count in origin.items():
+                counters.origin[kind] = counters.origin.get(kind, 0) + count  # type: ignore[index,union-attr]
+            counters.issuance_records += issuance_records
+        opened.sort(key=lambda entry: (entry[0], entry[1]))
+        for _, _, group in opened:
+            self.final[group.id] = group
 
     def findings(self, finding_format: str = "guardduty") -> list[dict[str, Any]]:
         """The final state of every finding group: GuardDuty-shaped, or (``ocsf``) an OCSF 1.3 Detection

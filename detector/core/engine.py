@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import msgspec
+
 from .addresses import V4, AddressIndex, format_address, is_global, parse_address
 from .registry import _ALL as _ALL_HOMES
 from .records import SIGNAL_NAMES, STATE_CHANGE, FastRecord, Record, StateChange, as_record
@@ -141,6 +143,29 @@ def check_decidable(record: dict[str, Any]) -> None:
         return
     if not isinstance(source, str) or parse_address(source) is None:
         raise MalformedRecord("bad_field", f"sourceIPAddress {str(source)[:60]!r} is neither an address nor a service")
+
+
+def route_keys(record: dict[str, Any] | Record) -> list[str]:
+    """The instance IDs a record concerns (SPEC §10: the keys of its routed copies), empty when the
+    detector does not keep it: the instance of its session (any role), of the credentials an issuance
+    record issues, and of its lifecycle or address signals. The service's route stage and the sharded
+    replay (``--jobs`` 3 or more) route with it.
+
+    Raises :class:`MalformedRecord` for an instance-credential record :meth:`Engine.apply` could not
+    decide. A decoded record (not a dict) is checked only when it concerns several instances: with one,
+    the engine that applies it rejects it as it would unrouted.
+    """
+    if isinstance(record, dict):
+        parts = session_parts(record)
+        if parts is not None:
+            check_decidable(record)
+        return record_instances(record, parts)
+    keys = record_instances(record)
+    if len(keys) > 1 and type(record) is not StateChange:
+        as_dict = msgspec.to_builtins(record)
+        if session_parts(as_dict) is not None:
+            check_decidable(as_dict)
+    return keys
 
 
 def session_parts(record: dict[str, Any]) -> tuple[str, str, str, str, str] | None:

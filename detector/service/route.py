@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from ..core.engine import MalformedRecord, check_decidable, record_instances, session_parts
+from ..core.engine import MalformedRecord, route_keys
 from ..core.ordering import event_time_key, merge_runs
 from ..core.records import decode_fast, encode_routed
 from .partitioning import KeyPartitions
@@ -14,20 +14,6 @@ from .stage import EMPTY_VALUE, ROUTED_INSTANCE, Stage, source_headers
 
 if TYPE_CHECKING:
     from .app import DetectorService
-
-
-def route_keys(record: dict[str, Any]) -> list[str]:
-    """The instance IDs a record concerns (SPEC §10: the keys of its routed copies), empty when the
-    detector does not keep it: the instance of its session (any role), of the credentials an issuance
-    record issues, and of its lifecycle or address signals.
-
-    Raises :class:`MalformedRecord` for an instance-credential record the detect stage could not decide.
-    """
-    parts = session_parts(record)
-    if parts is not None:
-        check_decidable(record)
-    return record_instances(record, parts)
-
 
 
 class RouteStage(Stage):
