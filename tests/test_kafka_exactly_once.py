@@ -77,7 +77,13 @@ async def test_three_sigkills_with_transactions_exact_counts_and_no_aborted_stat
                 await _kill_inside_a_transaction(proc, watch)
                 proc = DetectorProcess(s, log, env)
         # the final state, through committed transactions only
-        await wait_until(lambda: _equal(committed_view(), want), timeout=90, interval=0.5)
+        try:
+            await wait_until(lambda: _equal(committed_view(), want), timeout=90, interval=0.5)
+        except AssertionError:
+            got = await committed_view()
+            missing = [f for f in want if f not in got]
+            extra = [f for f in got if f not in want]
+            raise AssertionError(f"final findings differ: missing {missing[:5]}, extra {extra[:5]}") from None
         assert proc.terminate() == 0
     finally:
         proc.ensure_stopped()
