@@ -78,7 +78,7 @@ async def test_three_sigkills_with_transactions_exact_counts_and_no_aborted_stat
                 proc = DetectorProcess(s, log, env)
         # the final state, through committed transactions only
         try:
-            await wait_until(lambda: _equal(committed_view(), want), timeout=90, interval=0.5)
+            await wait_until(lambda: _equal(committed_view(), want), timeout=150, interval=0.5)
         except AssertionError:
             got = await committed_view()
             missing = [f for f in want if f not in got]
