@@ -208,12 +208,7 @@ def _apply_session(state: DetectorState, key: bytes, value: bytes | None) -> Non
             ix._slots[packed] = s
             ix._link_tail(s)
         else:
-            if ix._flags[s] & F_EXTRA:
-                del ix._extra[s]
-            if ix._flags[s] & F_GROUPS:
-                del ix._grp[s]
-            if ix._flags[s] & F_OLDER:
-                del ix._old[s]
+            ix._drop_sides(s)
             ix._touch(s)
         ix._flags[s] = flags & ~(F_EXTRA | F_GROUPS | F_OLDER)
         ix._first[s] = first

@@ -349,6 +349,14 @@ class SessionIndex:
         self._unlink(s)
         del self._slots[packed]
         self._keys[s] = None
+        self._drop_sides(s)
+        self._flags[s] = 0
+        self._free.append(s)
+        return packed
+
+    def _drop_sides(self, s: int) -> None:
+        """Forget slot ``s``'s side-table entries (extras, finding group ids, older keys); the caller sets
+        its flags."""
         flags = self._flags[s]
         if flags & F_EXTRA:
             del self._extra[s]
@@ -356,9 +364,6 @@ class SessionIndex:
             del self._grp[s]
         if flags & F_OLDER:
             del self._old[s]
-        self._flags[s] = 0
-        self._free.append(s)
-        return packed
 
     def _x(self, s: int) -> list[Any]:
         """The side-table entry of ``s``, created empty if absent."""
@@ -659,12 +664,7 @@ class SessionIndex:
 
     def _store(self, s: int, data: dict[str, Any]) -> None:
         """Write ``to_data``-shaped ``data`` into slot ``s`` (whose key is already set)."""
-        if self._flags[s] & F_EXTRA:
-            del self._extra[s]
-        if self._flags[s] & F_GROUPS:
-            del self._grp[s]
-        if self._flags[s] & F_OLDER:
-            del self._old[s]
+        self._drop_sides(s)
         self._flags[s] = 0
         self._ep[s] = 0
         self._addr[s] = 0
