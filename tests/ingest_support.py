@@ -4,8 +4,10 @@ on the test broker, and an in-process ingest service (aws_helpers.FaultProxy inj
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +17,8 @@ from kafka_support import create_topics, unique, wait_until
 
 from detector.ingest.bridge import IngestService
 from detector.ingest.settings import IngestSettings
+
+INSTANCE = "i-0123456789abcdef0"
 
 
 @contextmanager
@@ -130,3 +134,57 @@ async def stop_ingest(service: IngestService, task: asyncio.Task[int]) -> int:
 def sample(service: IngestService, name: str, **labels: str) -> float:
     value = service.metrics.registry.get_sample_value(name, labels or None)
     return value or 0.0
+
+
+# --- records, log files, the command's environment -------------------------------------------------
+
+
+def ct_record(n: int, instance: str = INSTANCE, **extra: Any) -> dict[str, Any]:
+    return {
+        "eventVersion": "1.08",
+        "eventID": f"00000000-0000-0000-0000-{n:012d}",
+        "eventTime": "2026-11-30T12:00:00Z",
+        "eventSource": "ec2.amazonaws.com",
+        "eventName": "DescribeInstances",
+        "sourceIPAddress": "203.0.113.7",
+        "userIdentity": {
+            "type": "AssumedRole",
+            "arn": f"arn:aws:sts::111122223333:assumed-role/web/{instance}",
+            "sessionContext": {"sessionIssuer": {"arn": "arn:aws:iam::111122223333:role/web"}},
+        },
+    } | extra
+
+
+def log_file(records: list[Any]) -> bytes:
+    return gzip.compress(json.dumps({"Records": records}).encode(), mtime=0)
+
+
+def big_object(records: int, pad: int) -> bytes:
+    compressor = zlib.compressobj(wbits=31)
+    parts = [compressor.compress(b'{"Records":[')]
+    for n in range(records):
+        parts.append(compressor.compress((b"," if n else b"") + json.dumps(ct_record(n, padding="p" * pad)).encode()))
+    parts.append(compressor.compress(b"]}") + compressor.flush())
+    return b"".join(parts)
+
+
+async def first_message(bootstrap: str, topic: str) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    try:
+        await asyncio.wait_for(consumer.getone(), timeout=30)
+    finally:
+        await consumer.stop()
+
+
+def ingest_env(endpoint: str, bootstrap: str, topic: str, url: str, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DETECTOR_"))}
+    with aws_env(endpoint) as aws_vars:
+        env.update(aws_vars)
+    env.update(
+        DETECTOR_KAFKA_BOOTSTRAP=bootstrap, DETECTOR_TOPIC=topic, DETECTOR_QUEUE_URLS=url, DETECTOR_HTTP_PORT=str(port),
+        DETECTOR_WAIT_SECONDS="1", DETECTOR_LOG_FORMAT="json", **extra,
+    )  # fmt: skip
+    return env

@@ -20,7 +20,13 @@ import orjson
 import pytest
 from aws_helpers import FaultProxy, MotoServer, moto, s3_error, sqs_error  # noqa: F401 - moto: fixture
 from ingest_support import (
+    INSTANCE,
     aws_env,
+    big_object,
+    ct_record,
+    first_message,
+    ingest_env,
+    log_file,
     drain_queue,
     ingest_settings,
     make_queue,
@@ -52,33 +58,10 @@ from detector.service.logging import configure_logging
 
 pytestmark = [pytest.mark.kafka, pytest.mark.aws]
 
-INSTANCE = "i-0123456789abcdef0"
-
-
 @pytest.fixture
 def aws(moto: MotoServer) -> Iterator[MotoServer]:
     with aws_env(moto.url):
         yield moto
-
-
-def ct_record(n: int, instance: str = INSTANCE, **extra: Any) -> dict[str, Any]:
-    return {
-        "eventVersion": "1.08",
-        "eventID": f"00000000-0000-0000-0000-{n:012d}",
-        "eventTime": "2026-11-30T12:00:00Z",
-        "eventSource": "ec2.amazonaws.com",
-        "eventName": "DescribeInstances",
-        "sourceIPAddress": "203.0.113.7",
-        "userIdentity": {
-            "type": "AssumedRole",
-            "arn": f"arn:aws:sts::111122223333:assumed-role/web/{instance}",
-            "sessionContext": {"sessionIssuer": {"arn": "arn:aws:iam::111122223333:role/web"}},
-        },
-    } | extra
-
-
-def log_file(records: list[Any]) -> bytes:
-    return gzip.compress(json.dumps({"Records": records}).encode(), mtime=0)
 
 
 def values(messages: list[Any]) -> list[Any]:
@@ -394,37 +377,6 @@ async def test_broker_lost_mid_run_messages_stay_until_it_is_back(broker: Embedd
         finally:
             assert await stop_ingest(service, task) == 0
     assert queue_counts(aws, dlq) == (0, 0)
-
-
-def big_object(records: int, pad: int) -> bytes:
-    compressor = __import__("zlib").compressobj(wbits=31)
-    parts = [compressor.compress(b'{"Records":[')]
-    for n in range(records):
-        parts.append(compressor.compress((b"," if n else b"") + json.dumps(ct_record(n, padding="p" * pad)).encode()))
-    parts.append(compressor.compress(b"]}") + compressor.flush())
-    return b"".join(parts)
-
-
-async def first_message(bootstrap: str, topic: str) -> None:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
-    await consumer.start()
-    try:
-        await asyncio.wait_for(consumer.getone(), timeout=30)
-    finally:
-        await consumer.stop()
-
-
-def ingest_env(endpoint: str, bootstrap: str, topic: str, url: str, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DETECTOR_"))}
-    with aws_env(endpoint) as aws_vars:
-        env.update(aws_vars)
-    env.update(
-        DETECTOR_KAFKA_BOOTSTRAP=bootstrap, DETECTOR_TOPIC=topic, DETECTOR_QUEUE_URLS=url, DETECTOR_HTTP_PORT=str(port),
-        DETECTOR_WAIT_SECONDS="1", DETECTOR_LOG_FORMAT="json", **extra,
-    )  # fmt: skip
-    return env
 
 
 def peak_rss(pid: int) -> int:

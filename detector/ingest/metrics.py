@@ -20,9 +20,10 @@ THROTTLED = "throttled"  # still throttled after aws_max_attempts
 AWS_ERROR = "aws_error"  # any other AWS error or a connection lost mid-object
 KAFKA_ERROR = "kafka_error"  # a record refused by the broker (too large, unknown topic, not authorised)
 SHUTDOWN = "shutdown"  # still in work when the grace period ended
+WORKER_LOST = "worker_lost"  # its worker process died with it in hand (--workers > 1)
 REASONS = (
     INVALID_JSON, UNKNOWN_SHAPE, BAD_GZIP, NOT_CLOUDTRAIL, MISSING_OBJECT, ACCESS_DENIED, EXPIRED_CREDENTIALS,
-    THROTTLED, AWS_ERROR, KAFKA_ERROR, SHUTDOWN,
+    THROTTLED, AWS_ERROR, KAFKA_ERROR, SHUTDOWN, WORKER_LOST,
 )  # fmt: skip
 
 
@@ -60,6 +61,9 @@ class IngestMetrics:
         )
         self.broker_errors = Counter(
             "detector_ingest_broker_errors_total", "Failed attempts to connect to the Kafka cluster.", registry=r
+        )
+        self.worker_restarts = Counter(
+            "detector_ingest_worker_restarts_total", "Worker processes started again after one died (--workers > 1).", registry=r
         )
         self.in_flight = Gauge("detector_ingest_messages_in_flight", "SQS messages in work.", registry=r)
         self.oldest_age = Gauge(

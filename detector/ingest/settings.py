@@ -35,6 +35,14 @@ class IngestSettings(KafkaClientSettings):
         "for min(10, concurrency/2) messages (each queue's receive asks for what is free when it polls, so "
         "with several queues up to 10 more per extra queue may briefly be in work).",
     )
+    workers: int = Field(
+        1, ge=1, le=64,
+        description="Processes that read S3 objects, split them and produce their records (the CPU-bound half of "
+        "ingest); 1 does it in the main process. Give a pod as many as it has cores. Each has its own S3 client "
+        "and Kafka producer; the main process keeps receiving, visibility, deletion and the HTTP endpoints, and "
+        "`concurrency` counts over all workers. A worker that dies is started again; its messages come back "
+        "after their visibility timeout.",
+    )
     object_chunk_bytes: int = Field(
         1024 * 1024, ge=4096, description="Bytes read from an S3 object at a time (an object is streamed, never held whole)."
     )
