@@ -4,7 +4,8 @@ dashboard and the operations docs — validated against their schemas and agains
 Docker is not needed: the compose file is checked against the Compose specification's JSON schema (the
 copy vendored in check-jsonschema) and for meaning; the Kubernetes manifests against the OpenAPI schemas
 shipped by kubernetes-validate; alert rules with promtool (syntax, config and unit tests); and every
-metric that a rule or a dashboard panel queries must be in a real /metrics scrape of a running service.
+metric that a rule or a dashboard panel queries must be in a real /metrics scrape of a running command
+(`detector run`, `detector ingest` against a moto server, `detector export securityhub`, `detector respond`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import aiohttp
 import orjson
 import pytest
 import yaml
+from aws_helpers import MotoServer, moto  # noqa: F401 - moto: fixture
 from click.testing import CliRunner
+from ingest_support import aws_env, ingest_settings, make_queue, new_topic, start_ingest, stop_ingest
 from kafka_support import broker, create_topics, read_topic, service_settings, unique, wait_until  # noqa: F401 - fixtures
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -578,6 +581,19 @@ def test_kubernetes_security_and_wiring() -> None:
         assert int(pdb["spec"]["maxUnavailable"]) >= 1
 
 
+def test_kubernetes_scrape_annotations_match_the_metrics_port() -> None:
+    deployments = [d for _, d in k8s_documents() if d["kind"] == "Deployment"]
+    assert len(deployments) >= 3
+    for deployment in deployments:
+        template = deployment["spec"]["template"]
+        (container,) = template["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        annotations = template["metadata"]["annotations"]
+        name = deployment["metadata"]["name"]
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics", name
+        assert annotations["prometheus.io/port"] == str(ports["metrics"]) == k8s_env(deployment)["DETECTOR_HTTP_PORT"], name
+
+
 OUTPUT_CONSUMERS = {  # Deployment -> (args, settings class)
     "detector-export-securityhub": (["export", "securityhub"], "ExportSettings"),
     "detector-respond": (["respond"], "RespondSettings"),
@@ -663,12 +679,19 @@ def dashboard_exprs() -> list[str]:
     return exprs
 
 
-GRAFANA_SUBSTITUTIONS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "$instance": ".*"}
+GRAFANA_SUBSTITUTIONS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
+
+
+def dashboard_variables() -> dict[str, str]:
+    """Each query variable of the dashboard (``$instance``, ``$ingest_instance``...) and its "All" value."""
+    variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    return {f"${v['name']}": v.get("allValue") or ".*" for v in variables if v["type"] == "query"}
 
 
 def grafana_to_promql(expr: str) -> str:
-    for var, value in GRAFANA_SUBSTITUTIONS.items():
-        expr = expr.replace(var, value)
+    substitutions = GRAFANA_SUBSTITUTIONS | dashboard_variables()
+    for var in sorted(substitutions, key=len, reverse=True):  # $__rate_interval before a shorter prefix of it
+        expr = expr.replace(var, substitutions[var])
     assert "$" not in expr, f"unknown Grafana variable in {expr!r}"
     return expr
 
@@ -705,11 +728,19 @@ def test_metric_name_extraction() -> None:
     assert metric_names("absent(detector_ready)") == {"detector_ready"}
 
 
-@pytest.fixture(scope="module")
-def exported_scrape(broker: EmbeddedBroker) -> str:  # noqa: F811
-    """The /metrics text of a real `detector run`, then of `detector export` and `detector respond`."""
+async def get_metrics(port: int) -> str:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            assert resp.status == 200
+            return await resp.text()
 
-    async def scrape() -> str:
+
+@pytest.fixture(scope="module")
+def command_scrapes(broker: EmbeddedBroker, moto: MotoServer) -> dict[str, str]:  # noqa: F811
+    """The /metrics text of each long-running command, really running: `detector run`, `detector ingest`
+    (a queue on a moto server), `detector export securityhub` and `detector respond`."""
+
+    async def scrape_run() -> str:
         prefix = unique("deploy-metrics")
         settings = service_settings(broker.bootstrap, prefix, registry=sample_world().registry, grace_seconds=5)
         await create_topics(broker.bootstrap, {settings.input_topics: 1})
@@ -718,37 +749,50 @@ def exported_scrape(broker: EmbeddedBroker) -> str:  # noqa: F811
         try:
             await wait_until(service.ready, timeout=30)
             assert service.http is not None
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"http://127.0.0.1:{service.http.port}/metrics") as resp:
-                    assert resp.status == 200
-                    return await resp.text()
+            return await get_metrics(service.http.port)
         finally:
             service.stop()
             await asyncio.wait_for(task, timeout=30)
 
-    async def scrape_outputs() -> list[str]:
+    async def scrape_ingest() -> str:
+        with aws_env(moto.url):
+            url, _ = make_queue(moto)
+            topic = await new_topic(broker.bootstrap, "deploy-metrics")
+            service, task = await start_ingest(ingest_settings(broker.bootstrap, topic, url))
+            try:
+                return await get_metrics(service.http.port)
+            finally:
+                assert await stop_ingest(service, task) == 0
+
+    async def scrape_output(name: str) -> str:
         from detector.outputs.export import exporter
         from detector.outputs.respond import responder
         from detector.outputs.settings import ExportSettings, RespondSettings
 
-        texts = []
-        for cls, build in ((ExportSettings, exporter), (RespondSettings, responder)):
-            prefix = unique("deploy-metrics")
-            consumer = build(cls(kafka_bootstrap=broker.bootstrap, findings_topic=f"{prefix}.findings", group_id=prefix,
-                                 http_port=0, log_level="warning"))  # fmt: skip
-            task = asyncio.create_task(consumer.run())
-            try:
-                await wait_until(lambda c=consumer: c.http is not None and c.http.port != 0, timeout=30)
-                async with aiohttp.ClientSession() as http:
-                    async with http.get(f"http://127.0.0.1:{consumer.http.port}/metrics") as resp:
-                        assert resp.status == 200
-                        texts.append(await resp.text())
-            finally:
-                consumer.stop()
-                await asyncio.wait_for(task, timeout=30)
-        return texts
+        cls, build = {"export": (ExportSettings, exporter), "respond": (RespondSettings, responder)}[name]
+        prefix = unique("deploy-metrics")
+        consumer = build(cls(kafka_bootstrap=broker.bootstrap, findings_topic=f"{prefix}.findings", group_id=prefix,
+                             http_port=0, log_level="warning"))  # fmt: skip
+        task = asyncio.create_task(consumer.run())
+        try:
+            await wait_until(lambda: consumer.http is not None and consumer.http.port != 0, timeout=30)
+            return await get_metrics(consumer.http.port)
+        finally:
+            consumer.stop()
+            await asyncio.wait_for(task, timeout=30)
 
-    return asyncio.run(scrape()) + "".join(asyncio.run(scrape_outputs()))
+    return {
+        "run": asyncio.run(scrape_run()),
+        "ingest": asyncio.run(scrape_ingest()),
+        "export": asyncio.run(scrape_output("export")),
+        "respond": asyncio.run(scrape_output("respond")),
+    }
+
+
+@pytest.fixture(scope="module")
+def exported_scrape(command_scrapes: dict[str, str]) -> str:
+    """The /metrics texts of every command, one after the other."""
+    return "".join(command_scrapes.values())
 
 
 @pytest.fixture(scope="module")
@@ -819,8 +863,13 @@ def test_alert_rules_cover_the_operational_signals() -> None:
         "detector_ready", "detector_consumer_lag", "detector_dead_letters_total", "detector_registry_reloads_total",
         "detector_commit_failures_total", "detector_broker_errors_total", "detector_findings_total",
         "detector_export_failed_total", "detector_respond_failed_total",
+        "detector_ingest_oldest_message_age_seconds", "detector_ingest_failures_total",
     ):
         assert metric in by_metric, f"no alert on {metric}"
+    age_exprs = " ".join(r["expr"] for r in by_metric["detector_ingest_oldest_message_age_seconds"])
+    assert "deriv(" in age_exprs, "an alert on a growing oldest-message age"
+    (failing,) = by_metric["detector_ingest_failures_total"]
+    assert "rate(" in failing["expr"] and "for" in failing, "a sustained failure rate, not a single failure"
     lag_exprs = " ".join(r["expr"] for r in by_metric["detector_consumer_lag"])
     assert "deriv(" in lag_exprs or "delta(" in lag_exprs, "an alert on growing lag"
     finding_rules = by_metric["detector_findings_total"]
@@ -837,6 +886,38 @@ def test_alert_rules_cover_the_operational_signals() -> None:
     assert imdsv1[0]["alert"] not in (high[0]["alert"], medium[0]["alert"])
     registry = by_metric["detector_registry_reloads_total"]
     assert all('result="failure"' in r["expr"] for r in registry)
+
+
+COMMAND_VARIABLES = {"detector_ingest_": "$ingest_instance", "detector_export_": "$export_instance", "detector_respond_": "$respond_instance"}
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings."""
+    anchors = set()
+    for m in re.finditer(r"^#+\s+(.+?)\s*$", markdown, re.M):
+        anchors.add(re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_alert_runbooks_exist() -> None:
+    for rule in alert_rules():
+        path, _, anchor = rule["annotations"]["runbook"].partition("#")
+        assert (REPO / path).is_file(), rule["alert"]
+        if anchor:
+            assert anchor in heading_anchors((REPO / path).read_text()), f"{rule['alert']}: no heading #{anchor} in {path}"
+
+
+def test_dashboard_shows_every_metric_of_ingest_export_and_respond(command_scrapes: dict[str, str]) -> None:
+    """The rows of the three other commands cover what they export (their build info aside), and every
+    command has its instance variable, listed from a metric of its own."""
+    shown = set().union(*(metric_names(grafana_to_promql(e)) for e in dashboard_exprs()))
+    suffixes = ("", "_total", "_bucket", "_sum", "_count")
+    for command in ("ingest", "export", "respond"):
+        families = [f for f in text_string_to_metric_families(command_scrapes[command]) if f.type != "info"]
+        assert families and all(f.name.startswith(f"detector_{command}_") for f in families), command
+        missing = [f.name for f in families if not {f.name + s for s in suffixes} & shown]
+        assert not missing, f"metrics of detector {command} on no dashboard panel: {missing}"
+    assert set(COMMAND_VARIABLES.values()) | {"$instance"} == set(dashboard_variables())
 
 
 def test_dashboard_has_the_panels(tmp_path: Path) -> None:
@@ -867,6 +948,35 @@ def test_dashboard_has_the_panels(tmp_path: Path) -> None:
     for finding_type in ("AfterInstanceStopped", "OtherInstance", "InstanceCredentialsDeliveredByIMDSv1"):
         assert panel_with("detector_findings_total", finding_type), finding_type
     assert panel_with("detector_lifecycle_instances")
+    # detector ingest, detector export securityhub, detector respond: a row each
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    for command in ("detector ingest", "detector export securityhub", "detector respond"):
+        assert any(command in title for title in rows), command
+    assert panel_with("detector_ingest_oldest_message_age_seconds") and panel_with("detector_ingest_failures_total", "by (reason)")
+    assert panel_with("detector_export_imported_total") and panel_with("detector_respond_statements_added_total")
+    for prefix in ("detector_export", "detector_respond"):
+        assert panel_with(f"{prefix}_aws_call_seconds_bucket", "histogram_quantile(")
+        assert panel_with(f"{prefix}_failed_total", "by (reason)") and panel_with(f"{prefix}_consumer_lag", "partition")
+    for panel in panels:
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        names: set[str] = set()
+        for target in panel["targets"]:
+            expr = target["expr"]
+            used = metric_names(grafana_to_promql(expr))
+            names |= used
+            for name in used:
+                # each command's metrics are filtered by that command's instance variable
+                variable = next((v for p, v in COMMAND_VARIABLES.items() if name.startswith(p)), "$instance")
+                assert f'instance=~"{variable}"' in expr, (panel["title"], name)
+                # a counter (or a histogram's series) is only ever shown through rate() or increase()
+                if name.endswith(("_total", "_bucket", "_sum", "_count")):
+                    bare = len(re.findall(rf"\b{name}\b", expr))
+                    assert len(re.findall(rf"\b(?:rate|increase)\({name}\b", expr)) == bare, (panel["title"], expr)
+        if all(re.search(r"_seconds(_bucket|_sum|_count)?$", n) for n in names):
+            assert unit == "s", panel["title"]
+        if all("_bytes_" in n for n in names):
+            per_second = all("rate(" in t["expr"] for t in panel["targets"])
+            assert unit == ("Bps" if per_second else "bytes"), panel["title"]
     if PROMTOOL is None:
         return
     # every panel query is valid PromQL: promtool parses them as recording rules
