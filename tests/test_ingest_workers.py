@@ -98,7 +98,9 @@ async def test_two_workers_produce_every_record_once_keyed_and_counted(broker: E
     assert sample(service, "detector_ingest_json_bytes_total") > stored
     assert sample(service, "detector_ingest_failures_total", reason="worker_lost") == 0
     assert all(w.handled > 0 for w in service.processor.workers), [w.handled for w in service.processor.workers]
+    assert sample(service, "detector_ingest_ready") == 1
     assert await stop_ingest(service, task) == 0
+    assert sample(service, "detector_ingest_ready") == 0  # current at a scrape, with no /readyz call in between
     assert not any(map(alive, pids))
 
     got = await read_topic(broker.bootstrap, topic)

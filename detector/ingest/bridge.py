@@ -58,6 +58,7 @@ class IngestService:
         self.settings = settings
         self.metrics = IngestMetrics([queue_name(u) for u in settings.queues])
         self.metrics.oldest_age.set_function(self._oldest_age)
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready() else 0.0)  # current at every scrape, probe or not
         self.stopping = asyncio.Event()
         self.http = HttpServer(self, settings.http_host, settings.http_port)
         self.processor: Processor | WorkerPool | None = None  # produces what messages carry: here, or in workers
@@ -76,9 +77,7 @@ class IngestService:
         return self._loop_alive
 
     def ready(self) -> bool:
-        ok = self.processor is not None and self.processor.connected and all(self._receiving_ok.values()) and not self.stopping.is_set()
-        self.metrics.ready.set(1 if ok else 0)
-        return ok
+        return self.processor is not None and self.processor.connected and all(self._receiving_ok.values()) and not self.stopping.is_set()
 
     def _oldest_age(self) -> float:
         if not self.in_work:
