@@ -60,8 +60,8 @@ def log_files(records: int, per_file: int, seed: int) -> list[bytes]:
     return files
 
 
-async def baseline(bucket: str, keys: list[str], concurrency: int, chunk: int) -> tuple[float, int]:
-    """Seconds to stream and gunzip every object, and the decompressed bytes."""
+async def baseline(bucket: str, keys: list[str], concurrency: int, chunk: int) -> tuple[float, int, float]:
+    """Seconds to stream and gunzip every object, the decompressed bytes, and this process's CPU seconds."""
     total = 0
     sem = asyncio.Semaphore(concurrency)
     async with get_session().create_client("s3") as s3:
@@ -76,15 +76,33 @@ async def baseline(bucket: str, keys: list[str], concurrency: int, chunk: int) -
                         total += len(inflate.decompress(data))
                 total += len(inflate.flush())
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(one(k) for k in keys))
-        return time.perf_counter() - started, total
+        return time.perf_counter() - started, total, time.process_time() - cpu
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def moto_receive_cost(server: Any, depths: tuple[int, ...] = (10, 100, 200)) -> dict[int, float]:
+    """moto's CPU seconds for one ReceiveMessage of 10 messages from a queue holding ``depth`` messages: the
+    share of the SQS work that is AWS's against real SQS but this machine's here (it grows with the depth,
+    and the bench drains a backlog of one message per object)."""
+    from ingest_support import make_queue
+
+    sqs, cost = server.client("sqs"), {}
+    for depth in depths:
+        url, _ = make_queue(server, visibility=300)
+        for i in range(0, depth, 10):
+            sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": str(j), "MessageBody": "{}" * 200} for j in range(10)])
+        before = cpu_seconds(server.proc.pid)
+        for _ in range(5):
+            sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=300)
+        cost[depth] = (cpu_seconds(server.proc.pid) - before) / 5
+    return cost
 
 
 async def produce_only(bootstrap: str, files: list[bytes], partitions: int) -> float:
@@ -182,6 +200,8 @@ async def main(args: argparse.Namespace) -> None:
     ratios: dict[int, list[tuple[float, str]]] = {w: [] for w in args.workers}
     try:
         with EmbeddedBroker() as broker, aws_env(server.url):
+            receive = moto_receive_cost(server)
+            print("moto's CPU for one ReceiveMessage of 10, by queue depth: " + ", ".join(f"{d}: {c * 1e3:.0f} ms" for d, c in receive.items()))
             s3 = server.client("s3")
             for seed in args.seeds:
                 for shape, per_file in SHAPES.items():
@@ -194,12 +214,13 @@ async def main(args: argparse.Namespace) -> None:
                     stored = sum(len(f) for f in files)
                     pids = {"broker": broker.process.pid, "moto": server.proc.pid}
                     moto_cpu = cpu_seconds(server.proc.pid)
-                    base_s, raw = min([await baseline(bucket, keys, args.concurrency, 1 << 20) for _ in range(2)])
+                    base_s, raw, base_cpu = min([await baseline(bucket, keys, args.concurrency, 1 << 20) for _ in range(2)])
                     moto_cpu = (cpu_seconds(server.proc.pid) - moto_cpu) / 2
                     prod_s = await produce_only(broker.bootstrap, files, args.partitions)
                     print(
                         f"seed {seed} {shape:11s}: {len(files)} objects, {stored / 1e6:.1f} MB gz, {raw / 1e6:.1f} MB json | "
-                        f"baseline {args.records / base_s:,.0f} rec/s ({raw / 1e6 / base_s:.1f} MB/s, moto CPU {moto_cpu:.2f} s) | "
+                        f"baseline {args.records / base_s:,.0f} rec/s ({raw / 1e6 / base_s:.1f} MB/s; CPU {base_cpu * 1e6 / args.records:.1f} us/record, "
+                        f"moto {moto_cpu:.2f} s) | "
                         f"producing the same records alone (one producer): {args.records / prod_s:,.0f} rec/s, "
                         f"{base_s / prod_s:.2f}x of the baseline"
                     )
@@ -209,9 +230,11 @@ async def main(args: argparse.Namespace) -> None:
                         )
                         ratio = base_s / ing_s
                         ratios[workers].append((ratio, f"seed {seed} {shape}"))
+                        own = sum(sec for name, sec in cpu.items() if name.startswith(("ingest", "worker")))
                         print(
                             f"    workers {workers}: ingest {args.records / ing_s:,.0f} rec/s ({raw / 1e6 / ing_s:.1f} MB/s) in {ing_s:.2f} s | "
-                            f"ratio {ratio:.2f}x | CPU s meanwhile: " + ", ".join(f"{name} {sec:.2f}" for name, sec in sorted(cpu.items()))
+                            f"ratio {ratio:.2f}x | CPU {own * 1e6 / args.records:.1f} us/record ({own / base_cpu:.1f}x the baseline's) | "
+                            "CPU s meanwhile: " + ", ".join(f"{name} {sec:.2f}" for name, sec in sorted(cpu.items()))
                         )
     finally:
         server.stop()
