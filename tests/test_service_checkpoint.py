@@ -167,3 +167,43 @@ async def test_idle_interval_elapses_then_commits(broker: EmbeddedBroker) -> Non
         await wait_until(lambda: _all_committed(broker.bootstrap, s.detect_group_id, s.sessions_topic_name, 6), timeout=10)
     finally:
         assert await stop(service, task) == 0
+
+
+async def test_a_transaction_on_revoke_commits_every_partition_whose_outputs_it_carries(broker: EmbeddedBroker) -> None:
+    """Exactly once: the transaction of a revoke carries the outputs of every assigned partition, so it must
+    commit the offsets of every one of them, not only of the partitions revoked (under a cooperative
+    assignor the others stay; their outputs committed without their offsets would be produced again after
+    a crash)."""
+    require_real(broker, "transactions")
+    prefix = unique("txrevoke")
+    s = settings_for(
+        broker.bootstrap, prefix, enable_idempotence=True, transactional_id=f"{prefix}-0", producer_acks="all",
+        checkpoint_interval_ms=60_000,  # no checkpoint but the one the test asks for
+    )
+    await create_topics(broker.bootstrap, {s.input_topics: 3})
+    service, task = await start(s)
+    try:
+        messages = world_messages(WORLD)
+        await asyncio.to_thread(librdkafka_produce, broker.bootstrap, s.input_topics, messages)
+        await wait_until(lambda: service.progress()["read"] >= world_records_total(), timeout=60)
+        route = service.route
+        assert len(route.assigned) == 3 and await committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 3) == {0: None, 1: None, 2: None}
+        one = min(route.assigned, key=lambda tp: tp.partition)
+        await route.checkpoint(flush_all=True, partitions={one})  # what on_revoked does with a revoked subset
+
+        async def committed() -> dict[int, int | None]:
+            return await committed_offsets(broker.bootstrap, s.group_id, s.input_topics, 3)
+
+        # the coordinator makes transactional offsets visible once the commit markers are written
+        await wait_until(lambda: committed_partition(committed, one.partition), timeout=15)
+        done = await committed()
+        assert all(done[p] for p in range(3)), done
+        assert await stop(service, task) == 0
+    finally:
+        if not task.done():
+            service.stop()
+            await asyncio.wait_for(task, timeout=30)
+
+
+async def committed_partition(committed: Any, partition: int) -> bool:
+    return bool((await committed())[partition])

@@ -117,15 +117,16 @@ class Checkpointing:
     async def checkpoint(self, flush_all: bool = False, partitions: set[TopicPartition] | None = None) -> None:
         """Deliver everything queued since the last checkpoint, write the changelog, then commit.
 
-        ``partitions``: commit only these (a revoke), though everything is delivered. The commit of the
-        plain path runs outside the lock, so a rebalance never waits on it.
+        ``partitions``: commit only these (a revoke), though everything is delivered; a transaction commits
+        every assigned partition (:meth:`transact`). The commit of the plain path runs outside the lock, so a
+        rebalance never waits on it.
         """
         async with self.lock:
             self.next_checkpoint = time.monotonic() + self.service.settings.checkpoint_interval_ms / 1000.0
             if self.holding():
                 self.process({})
             if self.service.transactional:
-                await self.transact(flush_all, partitions)
+                await self.transact(flush_all)
                 return
             delivered = self.prepare(flush_all)
             if delivered is not None:
@@ -140,13 +141,16 @@ class Checkpointing:
             self.checkpoints += 1
         await self.commit(partitions)
 
-    async def transact(self, flush_all: bool, partitions: set[TopicPartition] | None) -> None:
+    async def transact(self, flush_all: bool) -> None:
         """Outputs and input offsets in one transaction (exactly once), retried until it commits."""
         service = self.service
         delivered = self.prepare(flush_all)
         self.write_changelog()
         outbox, self.outbox = self.outbox, []
-        offsets = self.offsets_to_commit(partitions)
+        # the transaction carries the outputs of every assigned partition, so it commits all their offsets,
+        # not only those of ``partitions`` (a revoke): under a cooperative assignor the others stay, and
+        # their outputs committed without their offsets would be produced again after a crash
+        offsets = self.offsets_to_commit()
         if not outbox and not offsets:
             return
         delay = 0.2
