@@ -190,7 +190,8 @@ async def main(args: argparse.Namespace) -> None:
 
     from detector.service.logging import configure_logging
 
-    configure_logging("info")  # as `detector ingest` logs by default (the debug lines cost per message)
+    # as `detector ingest` logs by default (the debug lines cost per message), on standard error (workers too)
+    configure_logging("info", stream=sys.stderr)
     header("detector ingest vs aiobotocore GetObject + gunzip (same objects, same run)")
     print(
         f"records per run: {args.records}; concurrency {args.concurrency}; topic partitions {args.partitions}; shapes {SHAPES}\n"

@@ -21,6 +21,7 @@ from ingest_support import (
     aws_env,
     big_object,
     ct_record,
+    drain_queue,
     ingest_env,
     ingest_settings,
     log_file,
@@ -125,6 +126,7 @@ async def test_a_worker_killed_mid_message_fails_it_and_is_started_again(broker:
     url, dlq = make_queue(aws, max_receives=3)
     bucket = unique("bucket")
     notify_bucket(aws, bucket, url)
+    drain_queue(aws, url)  # S3's test event: the one message in work is then the big object's
     records = 20_000
     aws.client("s3").put_object(Bucket=bucket, Key="big.json.gz", Body=big_object(records, 2000))
     settings = ingest_settings(broker.bootstrap, topic, url, workers=2, visibility_timeout_seconds=3)
@@ -155,6 +157,19 @@ async def test_a_missing_topic_with_workers_is_a_start_up_error_and_leaves_no_pr
     assert not any(map(alive, worker_pids(service)))
 
 
+async def test_a_worker_that_dies_before_connecting_fails_the_start(aws: MotoServer) -> None:
+    """No broker yet, so the workers retry their connection; one is killed meanwhile: the start fails
+    naming it (rather than starting it again for ever), and the other worker is stopped."""
+    url, _ = make_queue(aws)
+    service, task = await start_ingest(ingest_settings(f"127.0.0.1:{free_port()}", "cloudtrail", url, workers=2), wait_ready=False)
+    await wait_until(lambda: sample(service, "detector_ingest_broker_errors_total") >= 2, timeout=30)
+    pids = worker_pids(service)
+    os.kill(pids[0], signal.SIGKILL)
+    with pytest.raises(StartupError, match="ingest worker 0 exited .* before it connected"):
+        await asyncio.wait_for(task, timeout=30)
+    assert not any(map(alive, pids))
+
+
 async def test_ctrl_c_to_the_process_group_drains_through_the_main_process(broker: EmbeddedBroker, aws: MotoServer, tmp_path: Path) -> None:
     """`detector ingest --workers 2` in a terminal: Ctrl-C reaches every process of the group; the workers
     ignore it and finish what they have, the main process drains and exits 0, no worker is left."""
@@ -162,6 +177,7 @@ async def test_ctrl_c_to_the_process_group_drains_through_the_main_process(broke
     url, _ = make_queue(aws)
     bucket = unique("bucket")
     notify_bucket(aws, bucket, url)
+    drain_queue(aws, url)
     records = 3000
     aws.client("s3").put_object(Bucket=bucket, Key="big.json.gz", Body=big_object(records, 20_000))
     port = free_port()

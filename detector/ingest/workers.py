@@ -38,6 +38,7 @@ import structlog
 from aiobotocore.session import get_session
 from pydantic import SecretBytes, SecretStr
 
+from ..service.logging import log_stream
 from .metrics import WORKER_LOST
 from .process import MessageFailed, Processor, StartupError, Tally, aws_client_config
 from .settings import IngestSettings
@@ -87,6 +88,15 @@ class _Channel:
 # --------------------------------------------------------------------------------------------------
 
 
+def _log_fd() -> int | None:
+    """The file descriptor the main process logs to, for the worker's standard output (where it logs):
+    `detector respond` logs to standard error, the benchmark too. None (inherit) when it has none."""
+    try:
+        return log_stream().fileno()
+    except (AttributeError, OSError, ValueError):  # io.StringIO and the like
+        return None
+
+
 class _Call:
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
@@ -113,7 +123,7 @@ class _Worker:
         try:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "detector.ingest.workers", str(theirs.fileno()), str(self.number),
-                stdin=asyncio.subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL, stdout=_log_fd(), pass_fds=(theirs.fileno(),),
             )
         finally:
             theirs.close()
@@ -139,7 +149,7 @@ class _Worker:
                     continue
                 if kind == "read" and not call.read.done():
                     call.read.set_result(None)
-                elif kind in ("done", "failed") and not call.done.done():
+                elif kind in ("done", "failed", "error") and not call.done.done():
                     call.done.set_result(frame)
         self.ready = False
         code = await self.process.wait()
@@ -164,6 +174,8 @@ class _Worker:
         tally.add(Tally(**answer.get("tally", {})))
         if answer["kind"] == "failed":
             raise MessageFailed(answer["reason"], answer["message"])
+        if answer["kind"] == "error":  # raised as it would be without workers: the message is not deleted
+            raise RuntimeError(f"ingest worker {self.number}: {answer['message']}")
         return str(answer["result"])
 
     async def stop(self, timeout: float) -> None:
@@ -193,6 +205,7 @@ class WorkerPool:
         self._changed = asyncio.Condition()
         self._calls = 0
         self._closing = False
+        self._connected_once = False
         self._restarts: set[asyncio.Task[None]] = set()  # restarts and notifications under way
 
     @property
@@ -230,6 +243,7 @@ class WorkerPool:
         finally:
             stopped.cancel()
         if self.connected:
+            self._connected_once = True
             log.info("workers_ready", workers=len(self.workers))
         return self.connected
 
@@ -244,6 +258,11 @@ class WorkerPool:
 
     def exited(self, worker: _Worker, code: int) -> None:
         if self._closing:
+            return
+        if not self._connected_once:  # start-up: a worker that cannot even connect fails the start
+            if worker.startup_error is None:
+                worker.startup_error = f"ingest worker {worker.number} exited (status {code}) before it connected; its output says why"
+            self.changed()
             return
         log.error("worker_exited", worker=worker.number, status=code, detail="its messages come back after their visibility timeout; starting it again")
         task = asyncio.get_running_loop().create_task(self._restart(worker))
@@ -328,6 +347,9 @@ async def _one(channel: _Channel, processor: Processor, frame: dict[str, Any]) -
             result = await processor.process(frame["body"], tally, read)
         except MessageFailed as exc:
             channel.send({"id": number, "kind": "failed", "reason": exc.reason, "message": str(exc), "tally": asdict(tally)})
+        except Exception as exc:  # a bug: answered, so the main process does not wait for ever
+            log.exception("message_error")
+            channel.send({"id": number, "kind": "error", "message": f"{type(exc).__name__}: {exc}", "tally": asdict(tally)})
         else:
             channel.send({"id": number, "kind": "done", "result": result, "tally": asdict(tally)})
 

@@ -77,6 +77,14 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """Our root handler, told apart from others (pytest's, say) when configure_logging runs again."""
 
 
+_stream: TextIO = sys.stdout
+
+
+def log_stream() -> TextIO:
+    """Where the last :func:`configure_logging` sends log lines (a child process can log there too)."""
+    return _stream
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", *, stream: TextIO | None = None) -> None:
     """Configure structlog and the standard library to write to ``stream`` (default: standard output).
 
@@ -87,7 +95,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, stream: TextIO 
         levelno = LEVELS[level.lower()]
     except KeyError:
         raise ValueError(f"log_level must be one of {', '.join(LEVELS)}, not {level!r}") from None
-    out = stream if stream is not None else sys.stdout
+    global _stream
+    out = _stream = stream if stream is not None else sys.stdout
     console = _use_console(fmt, out)
     renderer: Processor
     if console:
