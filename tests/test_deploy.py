@@ -594,6 +594,42 @@ def test_kubernetes_scrape_annotations_match_the_metrics_port() -> None:
         assert annotations["prometheus.io/port"] == str(ports["metrics"]) == k8s_env(deployment)["DETECTOR_HTTP_PORT"], name
 
 
+def test_kubernetes_ingest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`detector ingest` in Kubernetes: the real command with valid settings of its own, a worker per CPU of
+    its limit, room to drain on SIGTERM, probes, the detector's hardening, AWS credentials through IRSA."""
+    from detector.ingest.settings import IngestSettings
+
+    deployment = k8s("Deployment", "detector-ingest")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["ingest"] and container["image"] == k8s("Deployment", "detector")["spec"]["template"]["spec"]["containers"][0]["image"]
+    resolve_command(["ingest"])
+    env = k8s_env(deployment)
+    own = {env_var(n) for n in IngestSettings.model_fields}
+    assert {k for k in env if k.startswith(ENV_PREFIX)} <= own, "only settings of this command"
+    assert set(env) - own == {"AWS_DEFAULT_REGION"}, "the region botocore reads"
+    for var in list(os.environ):
+        if var.upper().startswith(ENV_PREFIX):
+            monkeypatch.delenv(var)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    settings = load_settings(cls=IngestSettings)
+    assert len(settings.queues) == 2 and settings.topic == k8s("ConfigMap", "detector-config")["data"]["DETECTOR_INPUT_TOPICS"]
+    assert settings.sasl_password is not None and settings.security_protocol.startswith("SASL")
+    resources = container["resources"]
+    assert settings.workers == quantity(resources["limits"]["cpu"]), "a worker per CPU of the limit"
+    assert pod["terminationGracePeriodSeconds"] > settings.grace_seconds + 10, "messages in work, then the producers' flush"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == settings.http_port
+    for probe, path in (("livenessProbe", "/healthz"), ("startupProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"]["path"] == path
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    account = k8s("ServiceAccount", pod["serviceAccountName"])
+    assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"], "AWS credentials through IRSA"
+
+
 OUTPUT_CONSUMERS = {  # Deployment -> (args, settings class)
     "detector-export-securityhub": (["export", "securityhub"], "ExportSettings"),
     "detector-respond": (["respond"], "RespondSettings"),
