@@ -594,18 +594,11 @@ def test_kubernetes_scrape_annotations_match_the_metrics_port() -> None:
         assert annotations["prometheus.io/port"] == str(ports["metrics"]) == k8s_env(deployment)["DETECTOR_HTTP_PORT"], name
 
 
-def test_kubernetes_ingest(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`detector ingest` in Kubernetes: the real command with valid settings of its own, a worker per CPU of
-    its limit, room to drain on SIGTERM, probes, the detector's hardening, AWS credentials through IRSA."""
-    from detector.ingest.settings import IngestSettings
-
-    deployment = k8s("Deployment", "detector-ingest")
-    pod = deployment["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["args"] == ["ingest"] and container["image"] == k8s("Deployment", "detector")["spec"]["template"]["spec"]["containers"][0]["image"]
-    resolve_command(["ingest"])
+def load_command_settings(deployment: dict[str, Any], cls: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The settings a command's pod gets from its ConfigMap and Secret, loaded as the command loads them:
+    only DETECTOR_* variables of that command (and the region botocore reads)."""
     env = k8s_env(deployment)
-    own = {env_var(n) for n in IngestSettings.model_fields}
+    own = {env_var(n) for n in cls.model_fields}
     assert {k for k in env if k.startswith(ENV_PREFIX)} <= own, "only settings of this command"
     assert set(env) - own == {"AWS_DEFAULT_REGION"}, "the region botocore reads"
     for var in list(os.environ):
@@ -613,12 +606,16 @@ def test_kubernetes_ingest(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(var)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
-    settings = load_settings(cls=IngestSettings)
-    assert len(settings.queues) == 2 and settings.topic == k8s("ConfigMap", "detector-config")["data"]["DETECTOR_INPUT_TOPICS"]
-    assert settings.sasl_password is not None and settings.security_protocol.startswith("SASL")
-    resources = container["resources"]
-    assert settings.workers == quantity(resources["limits"]["cpu"]), "a worker per CPU of the limit"
-    assert pod["terminationGracePeriodSeconds"] > settings.grace_seconds + 10, "messages in work, then the producers' flush"
+    return load_settings(cls=cls)
+
+
+def check_command_pod(deployment: dict[str, Any], args: list[str], settings: Any) -> None:
+    """A command besides `detector run`: the detector's image and hardening, probes on its metrics port,
+    AWS credentials through IRSA."""
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == args and container["image"] == k8s("Deployment", "detector")["spec"]["template"]["spec"]["containers"][0]["image"]
+    resolve_command(args)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["metrics"] == settings.http_port
     for probe, path in (("livenessProbe", "/healthz"), ("startupProbe", "/healthz"), ("readinessProbe", "/readyz")):
@@ -628,6 +625,22 @@ def test_kubernetes_ingest(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     account = k8s("ServiceAccount", pod["serviceAccountName"])
     assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"], "AWS credentials through IRSA"
+
+
+def test_kubernetes_ingest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`detector ingest` in Kubernetes: valid settings of its own, a worker per CPU of its limit, room to
+    drain on SIGTERM."""
+    from detector.ingest.settings import IngestSettings
+
+    deployment = k8s("Deployment", "detector-ingest")
+    settings = load_command_settings(deployment, IngestSettings, monkeypatch)
+    check_command_pod(deployment, ["ingest"], settings)
+    assert len(settings.queues) == 2 and settings.topic == k8s("ConfigMap", "detector-config")["data"]["DETECTOR_INPUT_TOPICS"]
+    assert settings.sasl_password is not None and settings.security_protocol.startswith("SASL")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert settings.workers == quantity(container["resources"]["limits"]["cpu"]), "a worker per CPU of the limit"
+    assert pod["terminationGracePeriodSeconds"] > settings.grace_seconds + 10, "messages in work, then the producers' flush"
 
 
 OUTPUT_CONSUMERS = {  # Deployment -> (args, settings class)
@@ -643,33 +656,11 @@ def test_kubernetes_output_consumers(name: str, monkeypatch: pytest.MonkeyPatch)
 
     args, cls_name = OUTPUT_CONSUMERS[name]
     deployment = k8s("Deployment", name)
-    pod = deployment["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["args"] == args and container["image"] == k8s("Deployment", "detector")["spec"]["template"]["spec"]["containers"][0]["image"]
-    resolve_command(args)
-    env = k8s_env(deployment)
-    cls = getattr(output_settings, cls_name)
-    own = {env_var(n) for n in cls.model_fields}
-    assert {k for k in env if k.startswith(ENV_PREFIX)} <= own, "only settings of this command"
-    assert set(env) - own == {"AWS_DEFAULT_REGION"}, "the region botocore reads"
-    for var in list(os.environ):
-        if var.upper().startswith(ENV_PREFIX):
-            monkeypatch.delenv(var)
-    for var, value in env.items():
-        monkeypatch.setenv(var, value)
-    settings = load_settings(cls=cls)
+    settings = load_command_settings(deployment, getattr(output_settings, cls_name), monkeypatch)
+    check_command_pod(deployment, args, settings)
     defaults = {name: field.default for name, field in Settings.model_fields.items()}
     assert settings.group_id != defaults["group_id"] and settings.findings_topic == defaults["findings_topic"]
-    assert pod["terminationGracePeriodSeconds"] > settings.grace_seconds
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports["metrics"] == settings.http_port
-    for probe, path in (("livenessProbe", "/healthz"), ("startupProbe", "/healthz"), ("readinessProbe", "/readyz")):
-        assert container[probe]["httpGet"]["path"] == path
-    sc = container["securityContext"]
-    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    account = k8s("ServiceAccount", pod["serviceAccountName"])
-    assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"], "AWS credentials through IRSA"
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > settings.grace_seconds
     if name == "detector-respond":
         assert settings.apply is False, "the shipped manifest is a dry run"
         assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
