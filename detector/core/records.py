@@ -482,9 +482,6 @@ class StateChange(msgspec.Struct, gc=False, omit_defaults=True):
     state: Any = None
     id: Any = None  # EventBridge's event id: a repeated delivery is the same event
 
-    def get(self, name: str, default: Any = None) -> Any:
-        return self.eventTime if name == "eventTime" else default  # ordering reads eventTime only
-
 
 Record = FastRecord | StateChange
 
