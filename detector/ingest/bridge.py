@@ -26,7 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 
 from ..service.http import HttpServer
 from .metrics import ACCESS_DENIED, SHUTDOWN, IngestMetrics
-from .process import PERMANENT, MessageFailed, Processor, StartupError, Tally, aws_client_config, aws_reason, describe_aws_error
+from .process import PERMANENT, MessageFailed, Processor, StartupError, Tally, aws_client_config, aws_reason, describe_aws_error, sleep_unless
 from .settings import IngestSettings
 from .workers import WorkerPool
 
@@ -145,12 +145,6 @@ class IngestService:
                     detail="a message that cannot be processed will be received again and again; give the queue a dead-letter queue",
                 )
 
-    async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
-
     async def _drain(self) -> None:
         """SIGTERM: let messages in work finish within the grace period; leave the rest to SQS."""
         tasks = [w.task for w in self.in_work.values() if w.task is not None]
@@ -188,7 +182,7 @@ class IngestService:
                 self._receiving_ok[url] = False
                 self.metrics.receive_errors.labels(reason).inc()
                 log.error("receive_failed", queue=name, reason=reason, retry_in_seconds=round(delay, 1), error=describe_aws_error(exc))
-                await self._sleep(delay)
+                await sleep_unless(self.stopping, delay)
                 delay = min(delay * 2, s.retry_max_seconds)
                 continue
             delay = 0.5

@@ -153,7 +153,7 @@ class Processor:
                 self.on_broker_error()
                 await producer.stop()
                 log.warning("broker_unreachable", attempt=attempt, retry_in_seconds=round(delay, 1), error=f"{type(exc).__name__}: {exc}")
-                await _sleep_unless(self.stopping, delay)
+                await sleep_unless(self.stopping, delay)
                 delay = min(delay * 2, s.retry_max_seconds)
                 continue
             self.producer = producer
@@ -397,7 +397,8 @@ class _Acks:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
+async def sleep_unless(event: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, or less when ``event`` is set meanwhile (a stop)."""
     try:
         await asyncio.wait_for(event.wait(), timeout=seconds)
     except asyncio.TimeoutError:
