@@ -259,6 +259,19 @@ async def test_a_missing_topic_is_a_start_up_error_naming_the_setting(broker: Em
     assert queue_counts(aws, url) == (1, 0)  # nothing received
 
 
+async def test_a_missing_topic_never_makes_ingest_connected(broker: EmbeddedBroker) -> None:
+    """The producer that found the topic missing is not kept: /readyz cannot answer 200 while the start-up
+    error unwinds (the check above once returned ready before the error surfaced)."""
+    from detector.ingest.process import Processor, StartupError
+
+    settings = ingest_settings(broker.bootstrap, unique("ingest-missing"), "https://sqs.us-east-1.amazonaws.com/111122223333/q")
+    processor = Processor(settings, None, asyncio.Event(), lambda: None)
+    with pytest.raises(StartupError, match="does not exist"):
+        await processor.connect()
+    assert not processor.connected and processor.producer is None
+    await processor.close()
+
+
 # --- faults --------------------------------------------------------------------------------------
 
 

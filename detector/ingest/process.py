@@ -156,13 +156,14 @@ class Processor:
                 await sleep_unless(self.stopping, delay)
                 delay = min(delay * 2, s.retry_max_seconds)
                 continue
-            self.producer = producer
-            self.batches = _Batches(producer, s.topic)
             if s.topic not in topics:  # produce would fail every message, which would only cycle back to its queue
+                await producer.stop()  # never `connected` (so never ready) with a topic it cannot produce to
                 raise StartupError(
                     f"topic {s.topic!r} (the `topic` setting, DETECTOR_TOPIC) does not exist on {s.kafka_bootstrap}: "
                     "create it (with the partitions detector run's input needs) or set `topic` to an existing one"
                 )
+            self.producer = producer
+            self.batches = _Batches(producer, s.topic)
             log.info("connected", attempt=attempt)
             return True
         return False
